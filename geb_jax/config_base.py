@@ -1,0 +1,59 @@
+"""The one schema of a run's ConfigDict, with defaults. Presets in configs/ list only differences.
+
+Sections: model (-> ModelConfig), optimizer (-> OptimizerConfig), train (loop lengths, batch),
+data, mesh (data/fsdp/tensor sizes, -1 fills the rest), checkpoint, eval.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, tokenizer
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
+        d_ff=512, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
+        norm_position="pre", dtype="float32", scan_layers=True, remat_policy="none",
+        attention_impl="auto", init_std=0.02))
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        peak_learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20, total_steps=300,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0, microbatches=1,
+        embedding_grad_scale=1.0, decay_embeddings=True))
+
+    c.train = ml_collections.ConfigDict(dict(
+        stage="pretrain",  # pretrain | sft | dpo: the loss and batch; the code path is shared
+        steps=300, batch_size=8, seq_len=256, log_every=10, z_loss_weight=0.0))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="builtin",  # the bilingual corpus shipped in geb_jax/data/builtin
+        tokenizer="builtin",  # train (or reuse) a sentencepiece BPE on the built-in corpus
+        shuffle_seed=0))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3))
+
+    c.eval = ml_collections.ConfigDict(dict(every=100, batches=4))
+    return c
+
+
+def parse_arg(arg: str | None, **defaults):
+    """big_vision-style `get_config(arg)` strings: "key=value,flag" -> typed ConfigDict.
+
+    Each key must be one of `defaults`; values take the default's type; a bare word sets True.
+    """
+    values = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+        default = defaults[key]
+        if not sep:
+            values[key] = True
+        elif isinstance(default, bool):
+            values[key] = raw.lower() in ("1", "true", "yes")
+        else:
+            values[key] = type(default)(raw)
+    return values
