@@ -1,0 +1,1 @@
+"""Data: the built-in bilingual corpus (corpus.py) and the SentencePiece tokenizer (tokenizer.py)."""

@@ -1,0 +1,1 @@
+"""Training: the optimizer, the train state and the pretrain / SFT / DPO steps."""
