@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1,<3",
     "tqdm>=4.66,<5",
     "safetensors>=0.4,<0.9",
+    "tensorboardX>=2.6,<3",
 ]
 
 TEST_REQUIRES = [

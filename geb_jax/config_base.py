@@ -8,8 +8,10 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.workdir = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events, tokenizer
+    c.workdir = "runs/default"  # one folder per stage: checkpoints, metrics.jsonl, TensorBoard
     c.seed = 0
+    c.stages = "pretrain"  # comma-separated: pretrain,sft,dpo (train/stages.py)
+    c.init_from = ""  # a finished stage's directory to take the first stage's parameters from
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
@@ -24,7 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         stage="pretrain",  # pretrain | sft | dpo: the loss and batch; the code path is shared
-        steps=300, batch_size=8, seq_len=256, log_every=10, z_loss_weight=0.0))
+        steps=300, batch_size=8, seq_len=256, log_every=10, z_loss_weight=0.0,
+        dpo_beta=0.1, dpo_loss_type="sigmoid", dpo_label_smoothing=0.0))
+    c.train.spike = ml_collections.ConfigDict(dict(
+        policy="skip", loss_factor=2.0, grad_norm_factor=10.0, warmup_steps=20, ema_decay=0.95,
+        rewind_skip_batches=100))
 
     c.data = ml_collections.ConfigDict(dict(
         source="builtin",  # the bilingual corpus shipped in geb_jax/data/builtin
@@ -36,6 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3))
 
     c.eval = ml_collections.ConfigDict(dict(every=100, batches=4))
+
+    # Per-stage differences, nested like the config (train/stages.py merges them).
+    c.stage_overrides = ml_collections.ConfigDict(dict(
+        sft=dict(train=dict(steps=100), optimizer=dict(
+            peak_learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, total_steps=100)),
+        dpo=dict(train=dict(steps=50), optimizer=dict(
+            peak_learning_rate=2e-4, min_learning_rate=2e-5, warmup_steps=5, total_steps=50,
+            weight_decay=0.0))))
     return c
 
 

@@ -37,7 +37,7 @@ def test_logits_match_float64_numpy_reference(tiny_config, changes):
     config = tiny_config.replace(**changes)
     params = _randomized_params(config)
     tokens, positions, segments = _packed_row([5, 7, 4], config.vocab_size)
-    ours = make_apply(config)(params, jnp.asarray(tokens), jnp.asarray(positions),
+    ours = jax.jit(make_apply(config))(params, jnp.asarray(tokens), jnp.asarray(positions),
                               jnp.asarray(segments))
     ref = numpy_reference.forward(jax.device_get(params), config, tokens, positions, segments)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
@@ -65,7 +65,8 @@ def test_gqa_equals_mha_with_repeated_kv_heads(tiny_config):
     for name in ("k", "v"):
         mha_params["layers"]["attn"][name] = jnp.repeat(params["layers"]["attn"][name], 2, axis=2)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 11)))
-    np.testing.assert_allclose(make_apply(gqa)(params, tokens), make_apply(mha)(mha_params, tokens),
+    np.testing.assert_allclose(jax.jit(make_apply(gqa))(params, tokens),
+                               jax.jit(make_apply(mha))(mha_params, tokens),
                                atol=1e-5, rtol=0)
 
 
@@ -78,9 +79,9 @@ def test_scan_and_remat_switches_keep_logits_and_gradients(tiny_config, changes)
     def loss(config, p):
         return jnp.mean(jax.nn.log_softmax(make_apply(config)(p, tokens))[..., 0])
 
-    base_loss, base_grads = jax.value_and_grad(loss, argnums=1)(tiny_config, params)
-    new_loss, new_grads = jax.value_and_grad(loss, argnums=1)(tiny_config.replace(**changes),
-                                                              params)
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+    base_loss, base_grads = grad_fn(tiny_config, params)
+    new_loss, new_grads = grad_fn(tiny_config.replace(**changes), params)
     np.testing.assert_allclose(new_loss, base_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new_grads, base_grads)
 
@@ -102,8 +103,8 @@ def test_bfloat16_compute_keeps_rope_positions_distinct():
 def test_bfloat16_model_runs_and_is_close_to_float32(tiny_config):
     params = _randomized_params(tiny_config)
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 97, (1, 12)))
-    f32 = make_apply(tiny_config)(params, tokens)
-    bf16 = make_apply(tiny_config.replace(dtype="bfloat16"))(params, tokens)
+    f32 = jax.jit(make_apply(tiny_config))(params, tokens)
+    bf16 = jax.jit(make_apply(tiny_config.replace(dtype="bfloat16")))(params, tokens)
     assert bf16.dtype == jnp.bfloat16
     assert float(jnp.max(jnp.abs(bf16.astype(jnp.float32) - f32))) < 0.05 * float(jnp.max(jnp.abs(f32)))
 

@@ -1,0 +1,55 @@
+"""Entry point: python -m geb_jax.main --config configs/tiny.py [--config.a.b=value ...]
+
+Runs the stages named in config.stages (e.g. "pretrain" or "pretrain,sft,dpo"), each starting
+from the previous stage's final parameters (the DPO reference is the SFT model). Running the
+same command again resumes every unfinished stage from its newest good checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from geb_jax.config_loader import check_field_names, load_config
+from geb_jax.model.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/<preset>.py[:arg].")
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def precheck(argv: list[str]) -> None:
+    """Fails fast, with one clear message, on a missing preset or a misspelt override."""
+    spec = _config_spec(argv)
+    if spec is None:
+        raise ConfigError("Pass --config configs/<preset>.py (e.g. configs/tiny.py).")
+    config = load_config(spec)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    check_field_names(config, overrides)
+
+
+def main(argv):
+    del argv
+    from geb_jax.train.stages import run_stages  # heavy imports after flag parsing
+    logging.set_verbosity(logging.WARNING)
+    run_stages(_CONFIG.value)
+
+
+def run() -> None:
+    try:
+        precheck(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,87 @@
+"""What a stage reads: its tokenizer, its grain dataset, held-out batches, earlier parameters.
+
+The bridge between the config and geb_jax.data; the loop calls these and knows no data details.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+
+import jax
+import ml_collections
+
+from geb_jax.checkpoint import Checkpointer
+from geb_jax.data import pipeline
+from geb_jax.data.corpus import builtin_texts
+from geb_jax.data.tokenizer import Tokenizer, builtin_tokenizer
+from geb_jax.model import ModelConfig
+from geb_jax.model.config import ConfigError
+
+
+def stage_tokenizer(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Tokenizer:
+    """The run's tokenizer, checked against the model's vocabulary and copied into workdir."""
+    if config.data.tokenizer == "builtin":
+        tokenizer = builtin_tokenizer(model_config.vocab_size)
+    else:
+        tokenizer = Tokenizer.load(config.data.tokenizer)
+    tokenizer.check_matches_model(model_config.vocab_size)
+    if jax.process_index() == 0 and tokenizer.path:
+        os.makedirs(config.workdir, exist_ok=True)
+        target = os.path.join(config.workdir, "tokenizer.model")
+        shutil.copyfile(tokenizer.path, target + ".tmp")
+        os.replace(target + ".tmp", target)
+    return tokenizer
+
+
+def _dataset(config, stage: str, tokenizer: Tokenizer, split: str, seed: int):
+    if config.data.source != "builtin":
+        raise ConfigError(f"config.data.source={config.data.source!r}: only 'builtin' is wired "
+                          "into training so far.")
+    common = dict(seq_len=config.train.seq_len,
+                  batch_size=config.train.batch_size // jax.process_count(), seed=seed,
+                  shard_index=jax.process_index(), shard_count=jax.process_count())
+    if stage == "pretrain":
+        return pipeline.pretrain_dataset(list(builtin_texts(split)), tokenizer, **common)
+    if stage == "sft":
+        return pipeline.sft_dataset(pipeline.builtin_sft_conversations(split), tokenizer,
+                                    **common)
+    return pipeline.dpo_dataset(pipeline.builtin_dpo_pairs(split), tokenizer, **common)
+
+
+def train_dataset(config, stage: str, tokenizer: Tokenizer):
+    return _dataset(config, stage, tokenizer, "train", config.data.shuffle_seed)
+
+
+def eval_batches(config, stage: str, tokenizer: Tokenizer) -> list:
+    """A fixed list of held-out host batches (the same every evaluation)."""
+    if not config.eval.every:
+        return []
+    dataset = _dataset(config, stage, tokenizer, "valid", seed=0)
+    return list(itertools.islice(iter(dataset), config.eval.batches))
+
+
+def iterator_state(iterator) -> dict:
+    return pipeline.iterator_state(iterator)
+
+
+def restore_iterator(dataset, state: dict):
+    return pipeline.restore_iterator(dataset, state)
+
+
+def load_params(stage_directory: str, model_config: ModelConfig, param_shardings):
+    """The final parameters of an earlier stage (its newest good checkpoint)."""
+    checkpoints = os.path.join(stage_directory, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise ConfigError(f"{stage_directory!r} holds no checkpoints/: finish that stage first "
+                          "or fix config.init_from.")
+    return Checkpointer(checkpoints, save_every=0, keep=1).restore_params(param_shardings,
+                                                                           model_config)
+
+
+def load_reference_params(config, init_params_from, model_config, param_shardings):
+    """DPO's frozen reference: the model the stage starts from (normally the SFT model)."""
+    if not init_params_from:
+        raise ConfigError("The dpo stage needs a reference model: run it after sft in "
+                          "config.stages, or set config.init_from to an SFT stage directory.")
+    return load_params(init_params_from, model_config, param_shardings)

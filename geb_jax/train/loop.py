@@ -1,0 +1,184 @@
+"""The training loop for one stage (pretrain, SFT or DPO), read top to bottom.
+
+    config -> mesh -> input -> update step -> checkpoint (restore or init) -> loop -> summary
+
+Running the same command again resumes from the newest good checkpoint in the stage's
+directory, with the data iterator exactly where it was.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from geb_jax.checkpoint import Checkpointer, install_signal_save
+from geb_jax.model import ModelConfig, make_apply
+from geb_jax.parallel.mesh import LOGICAL_AXIS_RULES, check_batch_divides, make_mesh
+from geb_jax.train import inputs
+from geb_jax.train.losses import check_batch_has_targets, cross_entropy_loss, dpo_loss
+from geb_jax.train.metrics_log import MetricsLog, peak_flops_per_device
+from geb_jax.train.optimizer import OptimizerConfig, learning_rate_at, make_optimizer
+from geb_jax.train.state import (abstract_state, init_sharded_state, num_params,
+                                 state_shardings)
+from geb_jax.train.step import (SpikeConfig, batch_shardings, global_batch, jit_eval_step,
+                                jit_train_step, make_eval_step, make_train_step)
+
+# LLaMA paper's energy estimate: Wh = GPU-hours x power x PUE; tCO2eq = MWh x 0.385.
+PUE, TCO2_PER_MWH = 1.1, 0.385
+DEVICE_WATTS = {"H100": 700.0, "H200": 700.0, "A100": 400.0, "cpu": 100.0}
+
+
+def bind_loss(stage: str, apply, train_config: ml_collections.ConfigDict):
+    """The stage's loss with the model and hyperparameters bound: (params, batch, ref) -> ..."""
+    if stage == "dpo":
+        return lambda params, batch, reference_params: dpo_loss(
+            params, batch, apply, reference_params=reference_params,
+            beta=train_config.dpo_beta, loss_type=train_config.dpo_loss_type,
+            label_smoothing=train_config.dpo_label_smoothing)
+    return lambda params, batch, reference_params=None: cross_entropy_loss(
+        params, batch, apply, z_loss_weight=train_config.z_loss_weight)
+
+
+def stage_dir(config: ml_collections.ConfigDict, stage: str) -> str:
+    return os.path.join(config.workdir, stage)
+
+
+def energy_estimate(hours: float) -> dict:
+    kind = jax.devices()[0].device_kind
+    watts = next((w for k, w in DEVICE_WATTS.items() if k.lower() in kind.lower()), 100.0)
+    device_hours = hours * jax.device_count()
+    mwh = device_hours * watts * PUE / 1e6
+    return {"device_hours": device_hours, "energy_kwh": mwh * 1e3, "tco2eq": mwh * TCO2_PER_MWH}
+
+
+def train(config: ml_collections.ConfigDict, stage: str | None = None,
+          init_params_from: str | None = None) -> dict:
+    """Trains one stage to config.train.steps; returns a summary dict."""
+    stage = stage or config.train.stage
+    workdir = stage_dir(config, stage)
+
+    # ---- Config: frozen and validated before any work ---------------------------------------
+    model_config = ModelConfig.from_dict(config.model)
+    opt_config = OptimizerConfig.from_dict(config.optimizer)
+    spike = SpikeConfig.from_dict(config.train.spike)
+    total_steps = config.train.steps
+
+    # ---- Mesh ------------------------------------------------------------------------------
+    mesh = make_mesh(config.mesh)
+    check_batch_divides(config.train.batch_size, mesh)
+
+    # ---- Input -----------------------------------------------------------------------------
+    tokenizer = inputs.stage_tokenizer(config, model_config)
+    dataset = inputs.train_dataset(config, stage, tokenizer)
+    eval_batches = inputs.eval_batches(config, stage, tokenizer)
+
+    # ---- Update step -----------------------------------------------------------------------
+    optimizer = make_optimizer(opt_config)
+    apply = make_apply(model_config)
+    loss_fn = bind_loss(stage, apply, config.train)
+    state_sh = state_shardings(model_config, optimizer, mesh)
+    example = next(iter(dataset))
+    batch_sh = batch_shardings(example, mesh)
+    reference_params = (inputs.load_reference_params(config, init_params_from, model_config,
+                                                     state_sh.params)
+                        if stage == "dpo" else None)
+    reference_sh = state_sh.params if reference_params is not None else None
+    weight_key = None if stage == "dpo" else "tokens"
+    train_step = jit_train_step(
+        make_train_step(loss_fn, optimizer, microbatches=opt_config.microbatches,
+                        weight_key=weight_key, spike=spike),
+        mesh, state_sh, batch_sh, reference_sh)
+    eval_step = jit_eval_step(make_eval_step(loss_fn), mesh, state_sh.params, batch_sh,
+                              reference_sh)
+
+    # ---- Checkpoint: resume, or start from scratch / from the previous stage ----------------
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                save_every=config.checkpoint.every, keep=config.checkpoint.keep)
+    data_iter = iter(dataset)
+    if checkpointer.latest_good_step() is not None:
+        state, data_state, _, start = checkpointer.restore(
+            abstract_state(model_config, optimizer, state_sh))
+        data_iter = inputs.restore_iterator(dataset, data_state)
+        resumed = f"resumed from step {start}"
+    else:
+        state = init_sharded_state(model_config, optimizer, config.seed, state_sh)
+        if init_params_from:
+            state = state.replace(params=inputs.load_params(init_params_from, model_config,
+                                                            state_sh.params))
+        start, resumed = 0, "from " + (init_params_from or "scratch")
+
+    # ---- Loop ------------------------------------------------------------------------------
+    log = MetricsLog(workdir, stage, total_steps, start)
+    tokens_per_step = config.train.batch_size * config.train.seq_len
+    flops_per_step = model_config.flops_per_token(config.train.seq_len) * tokens_per_step
+    peak = peak_flops_per_device()
+    log.message(f"[{stage}] {num_params(state.params):,} parameters, mesh "
+                f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step, {resumed}")
+    history, t_start, t_last, step = [], time.time(), time.time(), start
+    with install_signal_save() as stop, jax.sharding.use_mesh(mesh), \
+            nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        for step in range(start + 1, total_steps + 1):
+            host_batch = next(data_iter)
+            check_batch_has_targets(host_batch)
+            state, metrics = train_step(state, global_batch(host_batch, batch_sh),
+                                        reference_params)
+            if step % config.train.log_every == 0 or step == total_steps:
+                metrics = jax.device_get(metrics)
+                now = time.time()
+                steps_done = config.train.log_every if step % config.train.log_every == 0 \
+                    else step - start
+                tokens_per_s = steps_done * tokens_per_step / max(now - t_last, 1e-9)
+                t_last = now
+                metrics.update(learning_rate=learning_rate_at(opt_config, step),
+                               tokens_per_s=tokens_per_s)
+                if peak:
+                    metrics["mfu"] = tokens_per_s * flops_per_step / tokens_per_step / (
+                        peak * jax.device_count())
+                log.write(step, metrics)
+                history.append((step, float(metrics["loss"])))
+                log.progress(step, {"loss": f"{float(metrics['loss']):.3f}",
+                                    "tok/s": f"{tokens_per_s:,.0f}",
+                                    **({"mfu": f"{metrics['mfu']:.1%}"} if peak else {})})
+                if not np.isfinite(metrics["loss"]):
+                    log.message(f"step {step}: loss is not finite")
+            if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
+                log.write(step, evaluate(eval_step, state.params, eval_batches, batch_sh,
+                                         reference_params), split="eval")
+            checkpointer.maybe_save(step, state, inputs.iterator_state(data_iter),
+                                    config.to_dict(), force=stop.should_stop() or
+                                    step == total_steps)
+            if stop.should_stop():
+                log.message(f"signal received: saved step {step}, exiting")
+                break
+    checkpointer.wait()
+    checkpointer.close()
+    hours = (time.time() - t_start) / 3600
+    summary = {"stage": stage, "steps": step, "tokens_seen": step * tokens_per_step,
+               "first_loss": history[0][1] if history else None,
+               "final_loss": history[-1][1] if history else None, **energy_estimate(hours)}
+    log.message(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
+                                                else f"{k}={v}" for k, v in summary.items()))
+    log.close()
+    return summary
+
+
+def evaluate(eval_step, params, eval_batches, batch_sh, reference_params) -> dict:
+    """Token-weighted mean of eval metrics over the held-out batches."""
+    totals, weight = {}, 0.0
+    for host_batch in eval_batches:
+        metrics = jax.device_get(eval_step(params, global_batch(host_batch, batch_sh),
+                                           reference_params))
+        w = float(metrics.get("tokens", metrics.get("pairs", 1.0)))
+        weight += w
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + w * float(v)
+    metrics = {k: v / max(weight, 1e-9) for k, v in totals.items()}
+    if "loss" in metrics and "tokens" in metrics:
+        metrics["perplexity"] = float(np.exp(metrics["loss"]))
+        metrics["tokens"] = weight
+    return metrics
+

@@ -1,0 +1,49 @@
+"""Stage chaining: pretrain -> SFT -> DPO in one config, each from the previous stage's end.
+
+config.stages is a comma-separated list. config.stage_overrides.<stage> holds the fields that
+differ for that stage (e.g. a lower learning rate for SFT) as nested sections mirroring the
+config. The DPO reference model is the SFT stage's final parameters.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from geb_jax.model.config import ConfigError
+from geb_jax.train.loop import stage_dir, train
+
+STAGES = ("pretrain", "sft", "dpo")
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+    """The config with the stage's overrides merged in and train.stage set."""
+    merged = ml_collections.ConfigDict(config.to_dict())
+    overrides = config.get("stage_overrides", {}).get(stage)
+    if overrides:
+        for section, values in overrides.items():
+            if section not in merged:
+                raise ConfigError(f"config.stage_overrides.{stage}.{section} names no section.")
+            for key, value in values.items():
+                if key not in merged[section]:
+                    raise ConfigError(f"config.stage_overrides.{stage}.{section}.{key} names no "
+                                      f"field of config.{section}.")
+                merged[section][key] = value
+    merged.train.stage = stage
+    return merged
+
+
+def run_stages(config: ml_collections.ConfigDict) -> list[dict]:
+    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if not stages or unknown:
+        raise ConfigError(f"config.stages={config.stages!r}: use a comma-separated list of "
+                          f"{', '.join(STAGES)}.")
+    summaries, previous = [], config.get("init_from") or None
+    if previous and not os.path.isdir(previous):
+        raise ConfigError(f"config.init_from={previous!r} does not exist; point it at a stage "
+                          "directory (workdir/<stage>) of a finished run, or leave it empty.")
+    for stage in stages:
+        summaries.append(train(stage_config(config, stage), stage, init_params_from=previous))
+        previous = stage_dir(config, stage)
+    return summaries
