@@ -119,7 +119,7 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     log.message(f"[{stage}] {num_params(state.params):,} parameters, mesh "
                 f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step, {resumed}")
     history, t_start, t_last, step = [], time.time(), time.time(), start
-    with install_signal_save() as stop, jax.sharding.use_mesh(mesh), \
+    with install_signal_save() as stop, jax.set_mesh(mesh), \
             nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         for step in range(start + 1, total_steps + 1):
             host_batch = next(data_iter)

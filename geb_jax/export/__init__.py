@@ -1,0 +1,8 @@
+"""Models in and out of geb_jax: Hugging Face Llama folders (config.json + safetensors)."""
+from geb_jax.export.hf import (CheckpointError, hf_config_from_model_config,
+                               hf_state_dict_from_params, load_hf_checkpoint, model_config_from_hf,
+                               params_from_hf_state_dict, save_hf_checkpoint)
+
+__all__ = ["CheckpointError", "hf_config_from_model_config", "hf_state_dict_from_params",
+           "load_hf_checkpoint", "model_config_from_hf", "params_from_hf_state_dict",
+           "save_hf_checkpoint"]

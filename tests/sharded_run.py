@@ -1,0 +1,63 @@
+"""Runs three train steps of a tiny model on a given mesh and saves losses and parameters.
+
+Used by test_sharding.py in a subprocess, because the simulated device count must be set
+(XLA_FLAGS) before JAX starts. Usage: python -m tests.sharded_run OUT.npz data fsdp tensor [n]
+"""
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from geb_jax.model import ModelConfig, make_apply
+from geb_jax.parallel.mesh import LOGICAL_AXIS_RULES, make_mesh
+from geb_jax.train.losses import cross_entropy_loss
+from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+from geb_jax.train.state import init_sharded_state, state_shardings
+from geb_jax.train.step import batch_shardings, global_batch, jit_train_step, make_train_step
+
+CONFIG = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                     head_dim=8, d_ff=64, max_seq_len=32)
+
+
+def batches(steps=3, batch=8, seq=16):
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        tokens = rng.integers(0, CONFIG.vocab_size, (batch, seq + 1)).astype(np.int32)
+        segments = np.where(np.arange(seq) < 10, 1, 2)[None].repeat(batch, 0).astype(np.int32)
+        positions = np.where(segments == 1, np.arange(seq), np.arange(seq) - 10).astype(np.int32)
+        mask = (rng.random((batch, seq)) > 0.2).astype(np.float32)
+        mask[:, 9] = 0  # target crosses the document boundary
+        yield {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
+               "segment_ids": segments, "loss_mask": mask}
+
+
+def run(out, shape, num_devices, microbatches=1):
+    mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:num_devices])
+    # Adam divides by sqrt(v): on entries whose gradient is ~0, reduction-order noise (~1e-10)
+    # becomes an O(lr x 1%) update, so a modest learning rate keeps the comparison at 1e-5.
+    hp = OptimizerConfig.from_dict(dict(peak_learning_rate=1e-3, min_learning_rate=1e-4,
+                                        warmup_steps=1, total_steps=3, microbatches=microbatches))
+    optimizer = make_optimizer(hp)
+    apply = make_apply(CONFIG)
+    loss_fn = lambda p, b, reference_params=None: cross_entropy_loss(p, b, apply)
+    state_sh = state_shardings(CONFIG, optimizer, mesh)
+    state = init_sharded_state(CONFIG, optimizer, 0, state_sh)
+    data = list(batches())
+    batch_sh = batch_shardings(data[0], mesh)
+    step = jit_train_step(make_train_step(loss_fn, optimizer, microbatches=microbatches),
+                          mesh, state_sh, batch_sh)
+    losses = []
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        for host_batch in data:
+            state, metrics = step(state, global_batch(host_batch, batch_sh), None)
+            losses.append(float(metrics["loss"]))
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    np.savez(out, losses=np.array(losses),
+             **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+
+
+if __name__ == "__main__":
+    out, *dims = sys.argv[1:]
+    dims = [int(d) for d in dims]
+    run(out, tuple(dims[:3]), int(np.prod(dims[:3])), *(dims[3:] or []))
