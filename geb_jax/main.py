@@ -38,9 +38,14 @@ def precheck(argv: list[str]) -> None:
 
 def main(argv):
     del argv
-    from geb_jax.train.stages import run_stages  # heavy imports after flag parsing
+    from geb_jax.checkpoint import CheckpointError  # heavy imports after flag parsing
+    from geb_jax.data.tokenizer import TokenizerError
+    from geb_jax.train.stages import run_stages
     logging.set_verbosity(logging.WARNING)
-    run_stages(_CONFIG.value)
+    try:
+        run_stages(_CONFIG.value)
+    except (ConfigError, TokenizerError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
 
 
 def run() -> None:
