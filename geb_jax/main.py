@@ -3,6 +3,8 @@
 Runs the stages named in config.stages (e.g. "pretrain" or "pretrain,sft,dpo"), each starting
 from the previous stage's final parameters (the DPO reference is the SFT model). Running the
 same command again resumes every unfinished stage from its newest good checkpoint.
+Multi-host: the same command on every host plus --coordinator_address/--num_processes/
+--process_id (or a cluster environment JAX recognises); see geb_jax/parallel/distributed.py.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from geb_jax.config_loader import check_field_names, load_config
 from geb_jax.model.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/<preset>.py[:arg].")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for a multi-process job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in the job.")
 
 
 def _config_spec(argv: list[str]) -> str | None:
@@ -40,9 +46,11 @@ def main(argv):
     del argv
     from geb_jax.checkpoint import CheckpointError  # heavy imports after flag parsing
     from geb_jax.data.tokenizer import TokenizerError
+    from geb_jax.parallel import distributed
     from geb_jax.train.stages import run_stages
     logging.set_verbosity(logging.WARNING)
     try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         run_stages(_CONFIG.value)
     except (ConfigError, TokenizerError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -1,7 +1,8 @@
 """Runs three train steps of a tiny model on a given mesh and saves losses and parameters.
 
-Used by test_sharding.py in a subprocess, because the simulated device count must be set
+Used by test_sharding.py in subprocesses, because the simulated device count must be set
 (XLA_FLAGS) before JAX starts. Usage: python -m tests.sharded_run OUT.npz data fsdp tensor [n]
+With GEB_JAX_COORDINATOR_ADDRESS etc. set, each process feeds its own rows of the batch.
 """
 import sys
 
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 
 from geb_jax.model import ModelConfig, make_apply
+from geb_jax.parallel import distributed
 from geb_jax.parallel.mesh import LOGICAL_AXIS_RULES, make_mesh
 from geb_jax.train.losses import cross_entropy_loss
 from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
@@ -34,6 +36,8 @@ def batches(steps=3, batch=8, seq=16):
 
 def run(out, shape, num_devices, microbatches=1):
     mesh = make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[:num_devices])
+    rows = len(next(batches())["inputs"]) // jax.process_count()
+    local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     # Adam divides by sqrt(v): on entries whose gradient is ~0, reduction-order noise (~1e-10)
     # becomes an O(lr x 1%) update, so a modest learning rate keeps the comparison at 1e-5.
     hp = OptimizerConfig.from_dict(dict(peak_learning_rate=1e-3, min_learning_rate=1e-4,
@@ -50,14 +54,22 @@ def run(out, shape, num_devices, microbatches=1):
     losses = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         for host_batch in data:
-            state, metrics = step(state, global_batch(host_batch, batch_sh), None)
+            host_rows = {k: v[local] for k, v in host_batch.items()}
+            state, metrics = step(state, global_batch(host_rows, batch_sh), None)
             losses.append(float(metrics["loss"]))
-    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    from jax.experimental import multihost_utils  # gathers shards held by other processes
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    if jax.process_index() != 0:
+        return
+    leaves = jax.tree_util.tree_leaves_with_path(params)
     np.savez(out, losses=np.array(losses),
              **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
 
 
 if __name__ == "__main__":
+    distributed.initialize()
     out, *dims = sys.argv[1:]
     dims = [int(d) for d in dims]
     run(out, tuple(dims[:3]), int(np.prod(dims[:3])), *(dims[3:] or []))
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()

@@ -41,3 +41,26 @@ def test_microbatches_match_one_big_batch(tmp_path, single_device):
     np.testing.assert_allclose(accumulated["losses"], single_device["losses"], atol=1e-5, rtol=0)
     for name in single_device:
         np.testing.assert_allclose(accumulated[name], single_device[name], atol=1e-5, rtol=0)
+
+
+def test_two_processes_match_one_process(tmp_path, single_device):
+    """jax.distributed: 2 local processes x 4 simulated CPU devices == 1 process x 8."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two_procs.npz"
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   JAX_PLATFORMS="cpu", GEB_JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   GEB_JAX_NUM_PROCESSES="2", GEB_JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.sharded_run", str(out), "8", "1", "1"],
+            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
+    two = dict(np.load(out))
+    np.testing.assert_allclose(two["losses"], single_device["losses"], atol=1e-5, rtol=0)
+    for name in single_device:
+        np.testing.assert_allclose(two[name], single_device[name], atol=1e-5, rtol=0)

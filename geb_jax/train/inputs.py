@@ -69,19 +69,25 @@ def restore_iterator(dataset, state: dict):
     return pipeline.restore_iterator(dataset, state)
 
 
-def load_params(stage_directory: str, model_config: ModelConfig, param_shardings):
-    """The final parameters of an earlier stage (its newest good checkpoint)."""
+def load_params(stage_directory: str, abstract_state):
+    """The final parameters of an earlier stage (its newest good checkpoint).
+
+    The optimizer chain has the same structure in every stage, so the whole state restores
+    onto this stage's abstract state (and mesh); only the parameters are kept.
+    """
     checkpoints = os.path.join(stage_directory, "checkpoints")
     if not os.path.isdir(checkpoints):
         raise ConfigError(f"{stage_directory!r} holds no checkpoints/: finish that stage first "
                           "or fix config.init_from.")
-    return Checkpointer(checkpoints, save_every=0, keep=1).restore_params(param_shardings,
-                                                                           model_config)
+    checkpointer = Checkpointer(checkpoints, save_every=0, keep=None)
+    state, *_ = checkpointer.restore(abstract_state)
+    checkpointer.close()
+    return state.params
 
 
-def load_reference_params(config, init_params_from, model_config, param_shardings):
+def load_reference_params(init_params_from: str | None, abstract_state):
     """DPO's frozen reference: the model the stage starts from (normally the SFT model)."""
     if not init_params_from:
         raise ConfigError("The dpo stage needs a reference model: run it after sft in "
                           "config.stages, or set config.init_from to an SFT stage directory.")
-    return load_params(init_params_from, model_config, param_shardings)
+    return load_params(init_params_from, abstract_state)

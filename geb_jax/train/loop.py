@@ -81,10 +81,9 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     apply = make_apply(model_config)
     loss_fn = bind_loss(stage, apply, config.train)
     state_sh = state_shardings(model_config, optimizer, mesh)
-    example = next(iter(dataset))
-    batch_sh = batch_shardings(example, mesh)
-    reference_params = (inputs.load_reference_params(config, init_params_from, model_config,
-                                                     state_sh.params)
+    abstract = abstract_state(model_config, optimizer, state_sh)
+    batch_sh = batch_shardings(next(iter(dataset)), mesh)
+    reference_params = (inputs.load_reference_params(init_params_from, abstract)
                         if stage == "dpo" else None)
     reference_sh = state_sh.params if reference_params is not None else None
     weight_key = None if stage == "dpo" else "tokens"
@@ -100,15 +99,13 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                                 save_every=config.checkpoint.every, keep=config.checkpoint.keep)
     data_iter = iter(dataset)
     if checkpointer.latest_good_step() is not None:
-        state, data_state, _, start = checkpointer.restore(
-            abstract_state(model_config, optimizer, state_sh))
+        state, data_state, _, start = checkpointer.restore(abstract)
         data_iter = inputs.restore_iterator(dataset, data_state)
         resumed = f"resumed from step {start}"
     else:
         state = init_sharded_state(model_config, optimizer, config.seed, state_sh)
         if init_params_from:
-            state = state.replace(params=inputs.load_params(init_params_from, model_config,
-                                                            state_sh.params))
+            state = state.replace(params=inputs.load_params(init_params_from, abstract))
         start, resumed = 0, "from " + (init_params_from or "scratch")
 
     # ---- Loop ------------------------------------------------------------------------------
