@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "safetensors>=0.4,<0.9",
     "tensorboardX>=2.6,<3",
+    "pyarrow>=26.0.1,<27",
 ]
 
 TEST_REQUIRES = [

@@ -33,9 +33,19 @@ def base_config() -> ml_collections.ConfigDict:
         rewind_skip_batches=100))
 
     c.data = ml_collections.ConfigDict(dict(
-        source="builtin",  # the bilingual corpus shipped in geb_jax/data/builtin
-        tokenizer="builtin",  # train (or reuse) a sentencepiece BPE on the built-in corpus
-        shuffle_seed=0))
+        source="builtin",  # builtin | local | tfds | mixture (geb_jax/data/sources.py)
+        tokenizer="builtin",  # "builtin": a sentencepiece BPE on the built-in corpus; or a path
+        shuffle_seed=0,
+        path="",  # local: glob of .txt/.jsonl/.jsonl.gz/.parquet
+        valid_path="",  # local: glob for the held-out split; "" = hash split of path
+        valid_fraction=0.05,
+        field="text",  # local/tfds: JSON key / Parquet column / tfds feature
+        txt_unit="file",  # local .txt: one document per "file" or per "paragraph"
+        lang="",  # builtin: keep only these ("en,zh"); local/tfds: a tag
+        validate=True,  # local: parse every record up front, so bad input fails early
+        tfds_name="", tfds_data_dir="", tfds_train_split="train",
+        tfds_valid_split="validation",
+        mixture=[]))  # [{"source": ..., "weight": w, ...per-source keys above}, ...]
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

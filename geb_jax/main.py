@@ -45,6 +45,7 @@ def precheck(argv: list[str]) -> None:
 def main(argv):
     del argv
     from geb_jax.checkpoint import CheckpointError  # heavy imports after flag parsing
+    from geb_jax.data.sources import SourceError
     from geb_jax.data.tokenizer import TokenizerError
     from geb_jax.parallel import distributed
     from geb_jax.train.stages import run_stages
@@ -52,7 +53,7 @@ def main(argv):
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         run_stages(_CONFIG.value)
-    except (ConfigError, TokenizerError, CheckpointError) as e:
+    except (ConfigError, TokenizerError, CheckpointError, SourceError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -12,8 +12,7 @@ import jax
 import ml_collections
 
 from geb_jax.checkpoint import Checkpointer
-from geb_jax.data import pipeline
-from geb_jax.data.corpus import builtin_texts
+from geb_jax.data import pipeline, sources
 from geb_jax.data.tokenizer import Tokenizer, builtin_tokenizer
 from geb_jax.model import ModelConfig
 from geb_jax.model.config import ConfigError
@@ -35,14 +34,12 @@ def stage_tokenizer(config: ml_collections.ConfigDict, model_config: ModelConfig
 
 
 def _dataset(config, stage: str, tokenizer: Tokenizer, split: str, seed: int):
-    if config.data.source != "builtin":
-        raise ConfigError(f"config.data.source={config.data.source!r}: only 'builtin' is wired "
-                          "into training so far.")
     common = dict(seq_len=config.train.seq_len,
                   batch_size=config.train.batch_size // jax.process_count(), seed=seed,
                   shard_index=jax.process_index(), shard_count=jax.process_count())
     if stage == "pretrain":
-        return pipeline.pretrain_dataset(list(builtin_texts(split)), tokenizer, **common)
+        texts = sources.texts_source_from_config(config.data, split, seed=seed)
+        return pipeline.pretrain_dataset(texts, tokenizer, **common)
     if stage == "sft":
         return pipeline.sft_dataset(pipeline.builtin_sft_conversations(split), tokenizer,
                                     **common)
