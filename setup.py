@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4,<0.9",
     "tensorboardX>=2.6,<3",
     "pyarrow>=26.0.1,<27",
+    "datasketch>=2.0.0,<2.1",  # MinHash LSH near-duplicate removal
 ]
 
 TEST_REQUIRES = [
@@ -36,7 +37,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["geb_jax", "geb_jax.*"]),
     include_package_data=True,
-    package_data={"geb_jax": ["data/builtin/*"]},
+    package_data={"geb_jax": ["data/builtin/*", "data/clean/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )

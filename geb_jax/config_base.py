@@ -5,6 +5,8 @@ data, mesh (data/fsdp/tensor sizes, -1 fills the rest), checkpoint, eval.
 """
 import ml_collections
 
+from geb_jax.data.clean.chain import default_cleaning_config
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -46,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
         tfds_name="", tfds_data_dir="", tfds_train_split="train",
         tfds_valid_split="validation",
         mixture=[]))  # [{"source": ..., "weight": w, ...per-source keys above}, ...]
+    c.data.clean = ml_collections.ConfigDict(default_cleaning_config())  # data/prepare.py
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

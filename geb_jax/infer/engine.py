@@ -1,0 +1,427 @@
+"""Numpy-only forward pass with a preallocated KV cache: prefill, decode, continuation scoring.
+
+The same Llama block as geb_jax/model (RMSNorm with float32 statistics, rotate-half RoPE with
+float32 angles, grouped-query attention, SwiGLU, pre- or post-norm, tied or separate head),
+written for CPU serving:
+
+* Matmuls read the fused, pre-transposed (in, out) matrices of `Weights` (qkv, gate_up);
+  quantized matrices are used the same way (geb_jax.infer.quantize).
+* KV cache: per layer (B, K, max_len, H) float32, allocated once per batch size. Attention is
+  GQA-aware without repeating KV heads: q is reshaped into (B, K, N/K * T, H) so each KV head
+  is multiplied with its group of query heads in one batched matmul.
+* Decode (and prefill) run through per-row-count workspaces: every intermediate is a
+  preallocated buffer written with ``out=``, so a decode step allocates only a few tiny arrays.
+* RoPE cos/sin tables are precomputed for the cache length.
+* Batches of different lengths are left-padded: row b's tokens sit at cache slots
+  [pad_b, length) with RoPE positions counted from its first real token, and keys in its pad
+  slots are masked, so each row computes exactly what it would alone (tests check 1e-4). All
+  rows then decode in lockstep. Pad slots hold token 0 and produce meaningless logits.
+
+Shapes: B batch, T new tokens, S keys, D model, N query heads, K KV heads, G = N / K, H head
+dim, F FFN width, V vocab, L layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from geb_jax.infer.weights import Weights, matmul
+
+SCORES_BUDGET_BYTES = 64 * 1024 * 1024  # prefill chunk is cut so attention scores fit this
+
+
+class ContextLengthError(ValueError):
+    """A prompt (plus the tokens to generate) does not fit the model's max_seq_len."""
+
+
+def _context_error(needed: int, limit: int, model_limit: int, what: str) -> ContextLengthError:
+    extra = "" if limit == model_limit else f" (engine cache max_len={limit})"
+    return ContextLengthError(
+        f"{what} needs {needed} positions but the model's max_seq_len is {model_limit}"
+        f"{extra}; shorten the prompt or lower the number of new tokens (max_new_tokens).")
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (max_len, H/2) float32, computed in float32 as the JAX model does."""
+    half = head_dim // 2
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** (
+        np.arange(half, dtype=np.float32) * np.float32(2.0) / np.float32(head_dim))))
+    angles = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
+    """out = x / sqrt(mean(x^2) + eps) * scale over the last axis (x: (R, D))."""
+    ms = np.einsum("rd,rd->r", x, x)
+    ms *= np.float32(1.0 / x.shape[-1])
+    ms += np.float32(eps)
+    np.sqrt(ms, out=ms)
+    np.divide(x, ms[:, None], out=out)
+    np.multiply(out, scale, out=out)
+    return out
+
+
+class _Workspace:
+    """Every per-layer intermediate for R = B * T rows (T new tokens per row)."""
+
+    def __init__(self, cfg, batch: int, tokens: int, max_len: int):
+        b, t, r = batch, tokens, batch * tokens
+        d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+        self.batch, self.tokens = b, t
+        e = np.empty
+        self.x = e((r, d), np.float32)  # residual stream
+        self.h = e((r, d), np.float32)  # normed input of a sublayer
+        self.proj = e((r, d), np.float32)  # sublayer output
+        self.qkv = e((r, (n + 2 * k) * h), np.float32)
+        self.rope_a = e((r, n + k, h // 2), np.float32)
+        self.rope_b = e((r, n + k, h // 2), np.float32)
+        self.cos = e((r, h // 2), np.float32)
+        self.sin = e((r, h // 2), np.float32)
+        self.q = e((b, k, (n // k) * t, h), np.float32)  # (B, K, G*T, H), rows ordered (g, t)
+        self.ctx = e((b, k, (n // k) * t, h), np.float32)
+        self.attn = e((r, n * h), np.float32)
+        self.scores = e((b * n * t * max_len,), np.float32)  # flat; viewed as (B,K,G*T,S)
+        self.row_max = e((b, k, (n // k) * t, 1), np.float32)
+        self.gate_up = e((r, 2 * f), np.float32)
+        self.act = e((r, f), np.float32)
+
+
+class Engine:
+    """`Engine(weights).prefill(tokens)` then `decode_step(next_tokens)`; `score` for evals.
+
+    max_len: KV-cache length (default and maximum: the model's max_seq_len).
+    prefill_chunk: prompts are processed this many tokens at a time (bounds attention memory).
+    threads: if given, numpy's BLAS is limited to that many threads (process-wide).
+    """
+
+    def __init__(self, weights: Weights, max_len: int | None = None, prefill_chunk: int = 256,
+                 threads: int | None = None):
+        if not isinstance(weights, Weights):
+            raise TypeError(f"Engine expects Weights, got {type(weights).__name__}")
+        cfg = weights.config
+        self.weights, self.config = weights, cfg
+        self.max_len = cfg.max_seq_len if max_len is None else int(max_len)
+        if not 1 <= self.max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={cfg.max_seq_len}], got "
+                             f"{max_len}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.prefill_chunk = int(prefill_chunk)
+        if threads is not None:
+            from geb_jax.infer._blas import set_blas_threads  # pylint: disable=import-outside-toplevel
+            set_blas_threads(threads)
+        self.cos, self.sin = rope_tables(self.max_len, cfg.head_dim, cfg.rope_theta)
+        self._workspaces: dict[tuple[int, int], _Workspace] = {}
+        self.batch = 0
+        self.k_cache = self.v_cache = None
+        self.pad = np.zeros(0, np.int64)  # left padding per row
+        self.length = 0  # cache slots filled (same for every row, pads included)
+        self.history: list[list[int]] = []  # real tokens whose K/V are cached, per row
+        self._logits: np.ndarray | None = None
+
+    # -- state --------------------------------------------------------------------------------
+    def reset(self, batch: int) -> None:
+        """Empty the cache for `batch` rows (buffers are reused when the batch size repeats)."""
+        c = self.config
+        if batch < 1:
+            raise ValueError(f"batch must be positive, got {batch}")
+        if self.batch != batch or self.k_cache is None:
+            shape = (c.n_layers, batch, c.n_kv_heads, self.max_len, c.head_dim)
+            self.k_cache = np.zeros(shape, np.float32)
+            self.v_cache = np.zeros(shape, np.float32)
+            self._workspaces.clear()
+            self._logits = np.empty((batch, c.vocab_size), np.float32)
+            self.batch = batch
+        self.pad = np.zeros(batch, np.int64)
+        self.length = 0
+        self.history = [[] for _ in range(batch)]
+
+    def truncate(self, length: int) -> None:
+        """Forget every cached position from `length` on (to reuse a shared prompt prefix)."""
+        if not int(self.pad.max(initial=0)) <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of length {self.length} (padding "
+                             f"{int(self.pad.max(initial=0))}) to {length}")
+        for b in range(self.batch):
+            del self.history[b][length - int(self.pad[b]):]
+        self.length = length
+
+    def _workspace(self, tokens: int) -> _Workspace:
+        key = (self.batch, tokens)
+        ws = self._workspaces.get(key)
+        if ws is None:
+            if len(self._workspaces) > 4:  # keep decode's and a few chunk sizes
+                self._workspaces = {k: v for k, v in self._workspaces.items() if k[1] == 1}
+            ws = self._workspaces[key] = _Workspace(self.config, self.batch, tokens,
+                                                    self.max_len)
+        return ws
+
+    # -- public API ---------------------------------------------------------------------------
+    def prefill(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Start new sequences. `tokens`: (B, T) ints, or a list of B token lists of any lengths
+        (left-padded). Returns the logits after each row's last token (B, V), or with
+        all_logits=True the logits of every slot (B, T_max, V) (pad slots meaningless)."""
+        batch_ids, pads = self._as_batch(tokens)
+        width = batch_ids.shape[1]
+        if width > self.max_len:
+            raise _context_error(width, self.max_len, self.config.max_seq_len, "the prompt")
+        self.reset(batch_ids.shape[0])
+        self.pad = pads
+        return self._append(batch_ids, all_logits)
+
+    def append(self, tokens, all_logits: bool = False) -> np.ndarray:
+        """Feed more tokens (B, T) to the current sequences (e.g. a next chat turn)."""
+        if self.k_cache is None or self.batch == 0:
+            raise RuntimeError("append() needs a prefill() first")
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch or ids.shape[1] == 0:
+            raise ValueError(f"append expects a non-empty ({self.batch}, T) array of token ids, "
+                             f"got shape {ids.shape}")
+        return self._append(ids, all_logits)
+
+    def decode_step(self, tokens, copy: bool = True) -> np.ndarray:
+        """Feed one token per row (B,) -> logits (B, V) for the next one. With copy=False the
+        result is an internal buffer, overwritten by the next call."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if self.k_cache is None or ids.shape[0] != self.batch:
+            raise ValueError(f"decode_step expects {self.batch} token(s) (one per row of the "
+                             f"prefilled batch), got {ids.shape[0]}")
+        self._check_room(1)
+        ws = self._workspace(1)
+        table = self.weights.embedding
+        if isinstance(table, np.ndarray) and ids.min() >= 0 and ids.max() < table.shape[0]:
+            np.take(table, ids, axis=0, out=ws.x)
+        else:
+            np.copyto(ws.x, self.weights.embed(ids))  # quantized table, or an error message
+        self._forward(ws)
+        for b in range(self.batch):
+            self.history[b].append(int(ids[b]))
+        logits = self._head(ws.x, self._logits, scratch=ws.h)
+        return logits.copy() if copy else logits
+
+    def prefill_reusing_cache(self, ids: Sequence[int]) -> np.ndarray:
+        """Single-sequence prefill that keeps the cached K/V of the longest common prefix with
+        the previous sequence (multi-turn chat re-sends the history). Returns logits (1, V)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.max_len:
+            raise _context_error(len(ids), self.max_len, self.config.max_seq_len, "the prompt")
+        if self.batch == 1 and self.k_cache is not None and self.pad[0] == 0:
+            cached = self.history[0]
+            common = 0
+            limit = min(len(cached), len(ids) - 1)  # recompute at least the last token
+            while common < limit and cached[common] == ids[common]:
+                common += 1
+            if common:
+                self.truncate(common)
+                return self._append(np.asarray([ids[common:]], dtype=np.int64), False)
+        return self.prefill([ids])
+
+    def score(self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+              batch_size: int = 8) -> list[tuple[float, bool]]:
+        """lm-eval loglikelihood: for each (prompt, continuation) the summed log-probability
+        of the continuation tokens given the prompt, and whether each of them is the argmax
+        (greedy). Pairs run in batches (longest first, left-padded); the cache is reset."""
+        if len(prompts) != len(continuations):
+            raise ValueError(f"score got {len(prompts)} prompts but {len(continuations)} "
+                             f"continuations")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        results: list[tuple[float, bool] | None] = [None] * len(prompts)
+        todo = []
+        for i, (p, c) in enumerate(zip(prompts, continuations)):
+            p, c = [int(t) for t in p], [int(t) for t in c]
+            if not p:
+                raise ValueError(f"score: prompt {i} is empty; start it with a token (e.g. bos)")
+            if not c:
+                results[i] = (0.0, True)
+                continue
+            if len(p) + len(c) - 1 > self.max_len:
+                raise _context_error(len(p) + len(c) - 1, self.max_len,
+                                     self.config.max_seq_len, f"score: pair {i}")
+            todo.append((i, p, c))
+        todo.sort(key=lambda item: -(len(item[1]) + len(item[2])))
+        head = self.weights.lm_head
+        for start in range(0, len(todo), batch_size):
+            group = todo[start:start + batch_size]
+            inputs = [(p + c)[:-1] for _, p, c in group]
+            hidden = self._prefill_hidden(inputs)  # (B, T_max, D), final-normed
+            width = hidden.shape[1]
+            rows, targets, owners = [], [], []
+            for b, (i, p, c) in enumerate(group):
+                first = width - len(inputs[b]) + len(p) - 1  # slot predicting c[0]
+                rows.append(hidden[b, first:first + len(c)])
+                targets.extend(c)
+                owners.extend([i] * len(c))
+            logits = matmul(np.concatenate(rows), head).astype(np.float64)
+            top = logits.max(axis=-1, keepdims=True)
+            logprobs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+            picked = logprobs[np.arange(len(targets)), targets]
+            greedy = logits.argmax(axis=-1) == np.asarray(targets)
+            owners_arr = np.asarray(owners)
+            for i, _, _ in group:
+                sel = owners_arr == i
+                results[i] = (float(picked[sel].sum()), bool(greedy[sel].all()))
+        return results  # type: ignore[return-value]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _as_batch(self, tokens) -> tuple[np.ndarray, np.ndarray]:
+        """(B, T) int64 left-padded with 0, and the pad count per row."""
+        if isinstance(tokens, np.ndarray):
+            ids = tokens.astype(np.int64)
+            if ids.ndim == 1:
+                ids = ids[None]
+            if ids.ndim != 2 or ids.shape[1] == 0:
+                raise ValueError(f"tokens must be (B, T) with T > 0, got shape {tokens.shape}")
+            return ids, np.zeros(ids.shape[0], np.int64)
+        rows = [[int(t) for t in row] for row in tokens]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("every sequence needs at least one token")
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        pads = np.zeros(len(rows), np.int64)
+        for b, r in enumerate(rows):
+            pads[b] = width - len(r)
+            ids[b, pads[b]:] = r
+        return ids, pads
+
+    def _check_room(self, new: int) -> None:
+        if self.length + new > self.max_len:
+            longest = int(self.length - self.pad.min(initial=0))
+            raise _context_error(longest + new, self.max_len, self.config.max_seq_len,
+                                 "the sequence (prompt + generated tokens)")
+
+    def _chunk(self, total: int) -> int:
+        c = self.config
+        per_token = self.batch * c.n_heads * self.max_len * 4
+        return max(1, min(self.prefill_chunk, SCORES_BUDGET_BYTES // per_token, total))
+
+    def _append(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Run (B, T) new tokens through the model chunk by chunk; logits of last/all slots."""
+        b, t = ids.shape
+        self._check_room(t)
+        chunk = self._chunk(t)
+        out = np.empty((b, t, self.config.vocab_size), np.float32) if all_logits else None
+        for s in range(0, t, chunk):
+            part = ids[:, s:s + chunk]
+            ws = self._workspace(part.shape[1])
+            np.copyto(ws.x, self.weights.embed(part).reshape(ws.x.shape))
+            self._forward(ws)
+            if all_logits:
+                self._head(ws.x, out[:, s:s + part.shape[1]].reshape(-1, out.shape[2]))
+        for r in range(b):
+            self.history[r].extend(int(v) for v in ids[r, max(0, int(self.pad[r]) - (
+                self.length - t)):])
+        if all_logits:
+            return out
+        last = np.ascontiguousarray(ws.x.reshape(b, part.shape[1], -1)[:, -1])
+        return self._head(last, np.empty((b, self.config.vocab_size), np.float32))
+
+    def _prefill_hidden(self, sequences: list[list[int]]) -> np.ndarray:
+        """Reset, run the left-padded batch, return final-normed hidden states (B, T, D)."""
+        ids, pads = self._as_batch(sequences)
+        self.reset(ids.shape[0])
+        self.pad = pads
+        b, t = ids.shape
+        self._check_room(t)
+        hidden = np.empty((b, t, self.config.d_model), np.float32)
+        chunk = self._chunk(t)
+        w = self.weights
+        for s in range(0, t, chunk):
+            part = ids[:, s:s + chunk]
+            ws = self._workspace(part.shape[1])
+            np.copyto(ws.x, w.embed(part).reshape(ws.x.shape))
+            self._forward(ws)
+            _rms_norm(ws.x, w.final_norm, self.config.norm_eps, ws.h)
+            hidden[:, s:s + part.shape[1]] = ws.h.reshape(b, part.shape[1], -1)
+        self.history = [[] for _ in range(b)]  # scoring state is not meant to be continued
+        return hidden
+
+    def _head(self, x: np.ndarray, out: np.ndarray, scratch: np.ndarray | None = None
+              ) -> np.ndarray:
+        """Final norm then lm head: x (R, D) residual -> out (R, V)."""
+        normed = np.empty_like(x) if scratch is None else scratch
+        _rms_norm(x, self.weights.final_norm, self.config.norm_eps, normed)
+        return matmul(normed, self.weights.lm_head, out=out)
+
+    def _forward(self, ws: _Workspace) -> None:
+        """ws.x (B*T, D) embeddings of tokens at slots [length, length + T) -> residual after
+        the last layer, in place; K/V written to the cache; length advanced."""
+        c, w = self.config, self.weights
+        b, t = ws.batch, ws.tokens
+        s0, s1 = self.length, self.length + t
+        n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
+        g, half, nh, kh = n // k, h // 2, n * h, k * h
+        # RoPE angles per row: position = slot - pad (pad slots get position 0).
+        positions = np.maximum(np.arange(s0, s1)[None, :] - self.pad[:, None], 0).reshape(-1)
+        np.take(self.cos, positions, axis=0, out=ws.cos)
+        np.take(self.sin, positions, axis=0, out=ws.sin)
+        cos, sin = ws.cos[:, None, :], ws.sin[:, None, :]
+        # Additive mask (B, T, S): causal, and a row's pad slots hidden from its real tokens.
+        mask = None
+        if t > 1 or self.pad.any():
+            slot_q = np.arange(s0, s1)[None, :, None]
+            slot_k = np.arange(s1)[None, None, :]
+            pad = self.pad[:, None, None]
+            allowed = (slot_k <= slot_q) & ((slot_k >= pad) | (slot_q < pad))
+            mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None]  # (B,1,T,S)
+        scores = ws.scores[:b * n * t * s1].reshape(b, k, g * t, s1)
+        scores5 = scores.reshape(b, k, g, t, s1)
+        inv_sqrt_h = np.float32(1.0 / math.sqrt(h))
+        qk = ws.qkv[:, :nh + kh].reshape(b * t, n + k, h)
+        x1, x2 = qk[..., :half], qk[..., half:]
+        eps = c.norm_eps
+        pre = c.norm_position == "pre"
+        with np.errstate(over="ignore"):
+            for layer_index, layer in enumerate(w.layers):
+                # ---- attention
+                attn_in = _rms_norm(ws.x, layer.attn_norm, eps, ws.h) if pre else ws.x
+                matmul(attn_in, layer.qkv, out=ws.qkv)
+                np.multiply(x2, sin, out=ws.rope_a)
+                np.multiply(x1, sin, out=ws.rope_b)
+                np.multiply(x1, cos, out=x1)
+                np.subtract(x1, ws.rope_a, out=x1)  # x1 cos - x2 sin
+                np.multiply(x2, cos, out=x2)
+                np.add(x2, ws.rope_b, out=x2)  # x2 cos + x1 sin
+                kc, vc = self.k_cache[layer_index], self.v_cache[layer_index]  # (B, K, S, H)
+                new_k = ws.qkv[:, nh:nh + kh].reshape(b, t, k, h).transpose(0, 2, 1, 3)
+                new_v = ws.qkv[:, nh + kh:].reshape(b, t, k, h).transpose(0, 2, 1, 3)
+                np.copyto(kc[:, :, s0:s1], new_k)
+                np.copyto(vc[:, :, s0:s1], new_v)
+                q_view = ws.qkv[:, :nh].reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+                np.multiply(q_view, inv_sqrt_h, out=ws.q.reshape(b, k, g, t, h))
+                np.matmul(ws.q, kc[:, :, :s1].swapaxes(-1, -2), out=scores)  # (B,K,G*T,S)
+                if mask is not None:
+                    np.add(scores5, mask[:, :, None], out=scores5)
+                np.max(scores, axis=-1, keepdims=True, out=ws.row_max)
+                np.subtract(scores, ws.row_max, out=scores)
+                np.exp(scores, out=scores)
+                np.sum(scores, axis=-1, keepdims=True, out=ws.row_max)
+                np.divide(scores, ws.row_max, out=scores)
+                np.matmul(scores, vc[:, :, :s1], out=ws.ctx)  # (B, K, G*T, H)
+                np.copyto(ws.attn.reshape(b, t, k, g, h),
+                          ws.ctx.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4))
+                matmul(ws.attn, layer.o, out=ws.proj)
+                if pre:
+                    np.add(ws.x, ws.proj, out=ws.x)
+                    mlp_in = _rms_norm(ws.x, layer.mlp_norm, eps, ws.h)
+                else:
+                    np.add(ws.x, ws.proj, out=ws.proj)
+                    mlp_in = _rms_norm(ws.proj, layer.attn_norm, eps, ws.x)
+                # ---- SwiGLU: down(silu(gate) * up)
+                matmul(mlp_in, layer.gate_up, out=ws.gate_up)
+                gate, up = ws.gate_up[:, :c.d_ff], ws.gate_up[:, c.d_ff:]
+                np.negative(gate, out=ws.act)
+                np.exp(ws.act, out=ws.act)
+                ws.act += np.float32(1.0)
+                np.divide(gate, ws.act, out=ws.act)  # silu(gate) = gate / (1 + exp(-gate))
+                np.multiply(ws.act, up, out=ws.act)
+                matmul(ws.act, layer.down, out=ws.proj)
+                if pre:
+                    np.add(ws.x, ws.proj, out=ws.x)
+                else:
+                    np.add(ws.x, ws.proj, out=ws.proj)  # ws.x holds h (the mlp input)
+                    _rms_norm(ws.proj, layer.mlp_norm, eps, ws.x)
+        self.length = s1

@@ -1,0 +1,144 @@
+"""Model files for the numpy engine: `load_model(path)` is the single dispatch point.
+
+Formats:
+* a directory with ``weights.npz`` (our parameter tree, flattened to "layers/attn/q" keys),
+  ``config.json`` (the ModelConfig fields) and ``tokenizer.model`` (SentencePiece), written
+  atomically by `save_npz_model`.
+* ``.onnx`` files: not yet (another loader will fill `Weights.from_named_tensors` from the
+  ONNX initializers); add the branch in `load_model`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+
+from geb_jax.infer.config import InferConfig
+from geb_jax.infer.weights import Weights
+
+WEIGHTS_NPZ = "weights.npz"
+CONFIG_JSON = "config.json"
+TOKENIZER_MODEL = "tokenizer.model"
+
+
+class ModelFileError(ValueError):
+    """A model path that is missing, incomplete or of an unknown format."""
+
+
+def _config_dict(config: Any) -> dict:
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        return dict(config.to_dict())
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"config must be a dataclass, ConfigDict or dict, got {type(config).__name__}")
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = np.asarray(value, dtype=np.float32)
+    return flat
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def save_npz_model(directory: str, params: Mapping, config: Any, tokenizer_path: str,
+                   overwrite: bool = False) -> str:
+    """Write weights.npz + config.json + tokenizer.model into `directory`, all or nothing.
+
+    Files go to a temporary sibling folder that is renamed into place; with overwrite=True an
+    existing folder is replaced (moved aside first, deleted once the new one is in place).
+    The parameters are validated against the config before anything is written.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise ModelFileError(f"{directory} already exists; pass overwrite=True to replace it")
+    config_dict = _config_dict(config)
+    Weights.from_params(params, config_dict)  # shape check against the config
+    if not os.path.isfile(tokenizer_path):
+        raise ModelFileError(f"tokenizer model file not found: {tokenizer_path}")
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)
+        np.savez(os.path.join(tmp, WEIGHTS_NPZ), **_flatten(params))
+        with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_MODEL))
+        old = None
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(directory, os.path.join(old, name))
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            if old is not None:
+                os.replace(os.path.join(old, name), directory)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _load_npz_dir(path: str) -> tuple[Weights, str]:
+    for file in (WEIGHTS_NPZ, CONFIG_JSON, TOKENIZER_MODEL):
+        if not os.path.isfile(os.path.join(path, file)):
+            raise ModelFileError(f"model folder {path} has no {file} (expected {WEIGHTS_NPZ}, "
+                                 f"{CONFIG_JSON} and {TOKENIZER_MODEL}; see save_npz_model)")
+    try:
+        with open(os.path.join(path, CONFIG_JSON)) as f:
+            config = InferConfig.from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{os.path.join(path, CONFIG_JSON)} is not valid JSON: {e}") from None
+    with np.load(os.path.join(path, WEIGHTS_NPZ)) as npz:
+        params = _unflatten({k: npz[k] for k in npz.files})
+    return Weights.from_params(params, config), os.path.join(path, TOKENIZER_MODEL)
+
+
+def load_model(path: str, quantize: str | None = None, quantize_embeddings: bool = False,
+               tokenizer_path: str | None = None):
+    """path -> (Weights, Tokenizer). The one place that knows the model file formats.
+
+    quantize: None, "int8" or "int4" (geb_jax.infer.quantize); tokenizer_path overrides the
+    tokenizer that comes with the model.
+    """
+    from geb_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+    from geb_jax.infer.quantize import quantize_weights  # pylint: disable=import-outside-toplevel
+
+    path = os.fspath(path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NPZ)):
+        weights, bundled_tokenizer = _load_npz_dir(path)
+    elif path.endswith(".onnx"):
+        raise ModelFileError(f"{path}: loading .onnx models is not implemented yet")
+    elif not os.path.exists(path):
+        raise ModelFileError(f"model path not found: {path}")
+    else:
+        raise ModelFileError(f"{path} is not a model this engine can load: expected a folder "
+                             f"with {WEIGHTS_NPZ} + {CONFIG_JSON} + {TOKENIZER_MODEL}")
+    tokenizer = Tokenizer.load(tokenizer_path or bundled_tokenizer)
+    tokenizer.check_matches_model(weights.config.vocab_size, allow_padding=True)
+    return quantize_weights(weights, quantize, quantize_embeddings), tokenizer
