@@ -115,7 +115,7 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     peak = peak_flops_per_device()
     log.message(f"[{stage}] {num_params(state.params):,} parameters, mesh "
                 f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step, {resumed}")
-    history, t_start, t_last, step = [], time.time(), time.time(), start
+    history, t_start, t_last, step, last_logged = [], time.time(), time.time(), start, start
     with install_signal_save() as stop, jax.set_mesh(mesh), \
             nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         for step in range(start + 1, total_steps + 1):
@@ -126,10 +126,8 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
             if step % config.train.log_every == 0 or step == total_steps:
                 metrics = jax.device_get(metrics)
                 now = time.time()
-                steps_done = config.train.log_every if step % config.train.log_every == 0 \
-                    else step - start
-                tokens_per_s = steps_done * tokens_per_step / max(now - t_last, 1e-9)
-                t_last = now
+                tokens_per_s = (step - last_logged) * tokens_per_step / max(now - t_last, 1e-9)
+                t_last, last_logged = now, step
                 metrics.update(learning_rate=learning_rate_at(opt_config, step),
                                tokens_per_s=tokens_per_s)
                 if peak:
