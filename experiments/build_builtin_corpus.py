@@ -5,8 +5,8 @@ model with no network access. Everything comes from packages installed on a Debi
 from the project's own virtualenv, so anyone can rebuild byte-identical files:
 
     apt-get install bible-kjv dict-devil jargon-text fortunes-zh
-    /tmp/venv/bin/python experiments/build_builtin_corpus.py            # writes the files
-    /tmp/venv/bin/python experiments/build_builtin_corpus.py --check    # fails if they differ
+    python3 experiments/build_builtin_corpus.py            # writes the files
+    python3 experiments/build_builtin_corpus.py --check    # fails if they differ
 
 Sources (licences and provenance are recorded in docs/data.md and builtin/LICENSES.txt):
   en  kjv      Debian bible-kjv-text (King James Bible, public domain), via the `bible` program
