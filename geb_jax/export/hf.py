@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import safetensors.numpy
 
+from geb_jax.atomic_folder import atomic_folder
 from geb_jax.model.config import ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -390,27 +389,8 @@ def save_hf_checkpoint(config: ModelConfig, params: Mapping, path: str,
     if max_shard_bytes is not None and max_shard_bytes <= 0:
         raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}.")
     state = hf_state_dict_from_params(params, config)  # validates shapes before touching disk
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a checkpoint is meant to be shared
+    with atomic_folder(path) as tmp:
         _write_folder(tmp, config, state, max_shard_bytes)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.replace(path, os.path.join(old, name))
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:  # put the previous checkpoint back
-                os.replace(os.path.join(old, name), path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["CheckpointError", "hf_config_from_model_config", "hf_state_dict_from_params",

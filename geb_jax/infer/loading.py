@@ -13,11 +13,11 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
 
+from geb_jax.atomic_folder import atomic_folder
 from geb_jax.infer.config import InferConfig
 from geb_jax.infer.weights import Weights
 
@@ -77,30 +77,11 @@ def save_npz_model(directory: str, params: Mapping, config: Any, tokenizer_path:
     Weights.from_params(params, config_dict)  # shape check against the config
     if not os.path.isfile(tokenizer_path):
         raise ModelFileError(f"tokenizer model file not found: {tokenizer_path}")
-    parent, name = os.path.split(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_folder(directory) as tmp:
         np.savez(os.path.join(tmp, WEIGHTS_NPZ), **_flatten(params))
         with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
         shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_MODEL))
-        old = None
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.replace(directory, os.path.join(old, name))
-        try:
-            os.replace(tmp, directory)
-        except BaseException:
-            if old is not None:
-                os.replace(os.path.join(old, name), directory)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
