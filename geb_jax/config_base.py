@@ -29,10 +29,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         stage="pretrain",  # pretrain | sft | dpo: the loss and batch; the code path is shared
         steps=300, batch_size=8, seq_len=256, log_every=10, z_loss_weight=0.0,
-        dpo_beta=0.1, dpo_loss_type="sigmoid", dpo_label_smoothing=0.0))
-    c.train.spike = ml_collections.ConfigDict(dict(
+        dpo_beta=0.1, dpo_loss_type="sigmoid", dpo_label_smoothing=0.0,
+        skip_batches=""))  # data batches never trained on, e.g. "2300-2500" (train/spikes.py)
+    c.train.spike = ml_collections.ConfigDict(dict(  # train/step.py SpikeConfig
         policy="skip", loss_factor=2.0, grad_norm_factor=10.0, warmup_steps=20, ema_decay=0.95,
-        rewind_skip_batches=100))
+        rewind_skip_batches=100, max_replacements=3, max_rewinds=10,
+        inject_batches="", inject_kind="garbage"))
 
     c.data = ml_collections.ConfigDict(dict(
         source="builtin",  # builtin | local | tfds | mixture (geb_jax/data/sources.py)

@@ -22,6 +22,7 @@ from geb_jax.train import inputs
 from geb_jax.train.losses import check_batch_has_targets, cross_entropy_loss, dpo_loss
 from geb_jax.train.metrics_log import MetricsLog, peak_flops_per_device
 from geb_jax.train.optimizer import OptimizerConfig, learning_rate_at, make_optimizer
+from geb_jax.train.spikes import NumberedBatches, parse_batch_numbers, rewind_window
 from geb_jax.train.state import (abstract_state, init_sharded_state, num_params,
                                  state_shardings)
 from geb_jax.train.step import (SpikeConfig, batch_shardings, global_batch, jit_eval_step,
@@ -97,15 +98,26 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     # ---- Checkpoint: resume, or start from scratch / from the previous stage ----------------
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 save_every=config.checkpoint.every, keep=config.checkpoint.keep)
-    data_iter = iter(dataset)
+    skip = parse_batch_numbers(config.train.skip_batches, "train.skip_batches")
+    inject = parse_batch_numbers(spike.inject_batches, "train.spike.inject_batches")
+
+    def numbered(data_iter, drawn: int) -> NumberedBatches:
+        return NumberedBatches(data_iter, drawn, skip, inject, spike.inject_kind,
+                               model_config.vocab_size)
+
+    def restore(step: int | None = None):
+        state, data_state, _, restored_step = checkpointer.restore(abstract, step)
+        data_iter = inputs.restore_iterator(dataset, data_state["iterator"])
+        return state, numbered(data_iter, data_state["batches_drawn"]), restored_step
+
     if checkpointer.latest_good_step() is not None:
-        state, data_state, _, start = checkpointer.restore(abstract)
-        data_iter = inputs.restore_iterator(dataset, data_state)
+        state, batches, start = restore()
         resumed = f"resumed from step {start}"
     else:
         state = init_sharded_state(model_config, optimizer, config.seed, state_sh)
         if init_params_from:
             state = state.replace(params=inputs.load_params(init_params_from, abstract))
+        batches = numbered(iter(dataset), 0)
         start, resumed = 0, "from " + (init_params_from or "scratch")
 
     # ---- Loop ------------------------------------------------------------------------------
@@ -115,14 +127,38 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     peak = peak_flops_per_device()
     log.message(f"[{stage}] {num_params(state.params):,} parameters, mesh "
                 f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step, {resumed}")
-    history, t_start, t_last, step, last_logged = [], time.time(), time.time(), start, start
+    watch_spikes = spike.policy in ("replace", "rewind")  # costs one host sync per step
+    events = {"replaced": 0, "rewound": 0}
+    history, t_start, t_last = [], time.time(), time.time()
+    step, last_logged, retries = start, start, 0
     with install_signal_save() as stop, jax.set_mesh(mesh), \
             nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        for step in range(start + 1, total_steps + 1):
-            host_batch = next(data_iter)
+        while step < total_steps:
+            step += 1
+            host_batch = next(batches)
             check_batch_has_targets(host_batch)
             state, metrics = train_step(state, global_batch(host_batch, batch_sh),
                                         reference_params)
+            if watch_spikes and float(metrics["spike"]):
+                if spike.policy == "replace" and retries < spike.max_replacements:
+                    retries += 1
+                    events["replaced"] += 1
+                    log.event(step, "replaced", batch=batches.drawn)
+                    step -= 1  # the same update again, on the next batch
+                    continue
+                good = checkpointer.latest_good_step()
+                if (spike.policy == "rewind" and good is not None
+                        and events["rewound"] < spike.max_rewinds):
+                    spike_batch = batches.drawn
+                    state, batches, step = restore(good)
+                    window = rewind_window(batches.drawn, spike_batch, spike.rewind_skip_batches)
+                    batches.skip_later(window)
+                    events["rewound"] += 1
+                    log.event(step, "rewound", spike_batch=spike_batch,
+                              skipped_batches=f"{window.start}-{window.stop - 1}")
+                    last_logged = step
+                    continue
+            retries = 0
             if step % config.train.log_every == 0 or step == total_steps:
                 metrics = jax.device_get(metrics)
                 now = time.time()
@@ -143,18 +179,21 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
             if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
                 log.write(step, evaluate(eval_step, state.params, eval_batches, batch_sh,
                                          reference_params), split="eval")
-            checkpointer.maybe_save(step, state, inputs.iterator_state(data_iter),
-                                    config.to_dict(), force=stop.should_stop() or
-                                    step == total_steps)
+            data_state = {"iterator": inputs.iterator_state(batches.iterator),
+                          "batches_drawn": batches.drawn}
+            checkpointer.maybe_save(step, state, data_state, config.to_dict(),
+                                    force=stop.should_stop() or step == total_steps)
             if stop.should_stop():
                 log.message(f"signal received: saved step {step}, exiting")
                 break
     checkpointer.wait()
     checkpointer.close()
     hours = (time.time() - t_start) / 3600
-    summary = {"stage": stage, "steps": step, "tokens_seen": step * tokens_per_step,
+    summary = {"stage": stage, "steps": step, "tokens_seen": batches.drawn * tokens_per_step,
                "first_loss": history[0][1] if history else None,
-               "final_loss": history[-1][1] if history else None, **energy_estimate(hours)}
+               "final_loss": history[-1][1] if history else None,
+               "skipped_updates": int(jax.device_get(state.skipped)), **events,
+               **energy_estimate(hours)}
     log.message(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                                 else f"{k}={v}" for k, v in summary.items()))
     log.close()

@@ -53,6 +53,16 @@ class MetricsLog:
             for k, v in values.items():
                 self._tb.add_scalar(f"{split}/{k}", v, step)
 
+    def event(self, step: int, name: str, **details) -> None:
+        """A one-off happening (a replaced batch, a rewind): a JSONL line and a message."""
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, "split": "event", "step": step, "time": time.time(),
+                  "event": name, **details}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self.message(f"step {step}: {name} " + " ".join(f"{k}={v}" for k, v in details.items()))
+
     def progress(self, step: int, postfix: dict) -> None:
         if self._bar is not None:
             self._bar.n = step

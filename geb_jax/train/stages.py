@@ -10,7 +10,9 @@ import os
 
 import ml_collections
 
-from geb_jax.model.config import ConfigError
+from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.train.optimizer import OptimizerConfig
+from geb_jax.train.step import SpikeConfig
 from geb_jax.train.loop import stage_dir, train
 
 STAGES = ("pretrain", "sft", "dpo")
@@ -33,6 +35,13 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
     return merged
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Builds the frozen configs a stage will build, so that errors come before any work."""
+    ModelConfig.from_dict(config.model)
+    OptimizerConfig.from_dict(config.optimizer)
+    SpikeConfig.from_dict(config.train.spike)
+
+
 def run_stages(config: ml_collections.ConfigDict) -> list[dict]:
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -43,7 +52,10 @@ def run_stages(config: ml_collections.ConfigDict) -> list[dict]:
     if previous and not os.path.isdir(previous):
         raise ConfigError(f"config.init_from={previous!r} does not exist; point it at a stage "
                           "directory (workdir/<stage>) of a finished run, or leave it empty.")
+    configs = {stage: stage_config(config, stage) for stage in stages}
+    for stage_cfg in configs.values():  # every stage's mistakes surface before any training
+        validate(stage_cfg)
     for stage in stages:
-        summaries.append(train(stage_config(config, stage), stage, init_params_from=previous))
+        summaries.append(train(configs[stage], stage, init_params_from=previous))
         previous = stage_dir(config, stage)
     return summaries

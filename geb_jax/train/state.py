@@ -19,7 +19,7 @@ from geb_jax.parallel.mesh import logical_to_shardings, replicated
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32: batches consumed (skipped updates included)
+    step: jax.Array  # int32: train-step calls (skipped and replaced updates included)
     params: dict
     opt_state: optax.OptState
     rng: jax.Array  # uint32 raw key data (orbax saves plain arrays)

@@ -4,7 +4,7 @@ with explicit in/out shardings (the modern pjit) and the state buffer donated.
 Pretrain, SFT and DPO share this code; they differ only in `loss_fn` and the batch.
 Spike handling inside the step (GEB/PaLM practice): an update whose loss or gradient norm is
 k times its running average, or is not finite, can be skipped here without a host round trip;
-replacing the batch or rewinding to a checkpoint are the loop's job (train/loop.py).
+replacing the batch or rewinding to a checkpoint are the loop's job (train/spikes.py).
 """
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ class SpikeConfig:
     warmup_steps: int = 20  # running means need this many updates before thresholds apply
     ema_decay: float = 0.95
     rewind_skip_batches: int = 100  # rewind: batches skipped after restoring (GEB: 100-200)
+    max_replacements: int = 3  # replace: retries of one update before it is simply skipped
+    max_rewinds: int = 10  # rewind: per run; later spikes are skipped
+    inject_batches: str = ""  # studies only: corrupt these batch numbers ("100-120")
+    inject_kind: str = "garbage"  # garbage | nonfinite (train/spikes.py)
 
     def __post_init__(self):
         if self.policy not in SPIKE_POLICIES:
@@ -40,6 +44,9 @@ class SpikeConfig:
                               f"{', '.join(SPIKE_POLICIES)}.")
         if self.loss_factor <= 1 or self.grad_norm_factor <= 1:
             raise ConfigError("train.spike.loss_factor and grad_norm_factor must be above 1.")
+        if min(self.rewind_skip_batches, self.max_replacements, self.max_rewinds) < 0:
+            raise ConfigError("train.spike.rewind_skip_batches, max_replacements and "
+                              "max_rewinds must be >= 0.")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SpikeConfig":
