@@ -19,6 +19,12 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "pyarrow>=26.0.1,<27",
     "datasketch>=2.0.0,<2.1",  # MinHash LSH near-duplicate removal
+    "array-record>=0.8.6,<0.9",  # pre-tokenised corpora (data/pretokenize.py)
+    # Export and CPU serving: ONNX (checked with onnxruntime at export), GGUF for llama.cpp.
+    "onnx>=1.23.2,<1.24",
+    "onnxruntime>=1.32.0,<1.33",
+    "gguf>=0.19.0,<0.20",
+    "matplotlib>=3.11,<3.12",  # sweep reports
 ]
 
 TEST_REQUIRES = [
@@ -26,8 +32,7 @@ TEST_REQUIRES = [
     # Reference implementations the tests compare against (CPU build of torch).
     "torch==2.13.0",
     "transformers>=5.23.0,<5.24",
-    "onnx>=1.23.2,<1.24",
-    "onnxruntime>=1.32.0,<1.33",
+    "lm_eval>=0.4.13,<0.5",  # the adapter's offline test runs lm-eval's own CLI
 ]
 
 setup(
@@ -40,4 +45,7 @@ setup(
     package_data={"geb_jax": ["data/builtin/*", "data/clean/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
+    # Read by lm-eval releases that discover plugin models (after 0.4.13); until then use
+    # python -m geb_jax.eval.lm_eval_adapter.
+    entry_points={"lm_eval.models": ["geb_jax = geb_jax.eval.lm_eval_adapter:GebJaxLM"]},
 )
