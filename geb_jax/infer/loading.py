@@ -4,8 +4,8 @@ Formats:
 * a directory with ``weights.npz`` (our parameter tree, flattened to "layers/attn/q" keys),
   ``config.json`` (the ModelConfig fields) and ``tokenizer.model`` (SentencePiece), written
   atomically by `save_npz_model`.
-* ``.onnx`` files: not yet (another loader will fill `Weights.from_named_tensors` from the
-  ONNX initializers); add the branch in `load_model`.
+* ``.onnx`` files written by geb_jax.export.onnx_export (read by infer/onnx_file.py with the
+  ``onnx`` package only; quantized MatMulNBits weights are dequantized to float32).
 """
 from __future__ import annotations
 
@@ -114,7 +114,8 @@ def load_model(path: str, quantize: str | None = None, quantize_embeddings: bool
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NPZ)):
         weights, bundled_tokenizer = _load_npz_dir(path)
     elif path.endswith(".onnx"):
-        raise ModelFileError(f"{path}: loading .onnx models is not implemented yet")
+        from geb_jax.infer import onnx_file  # pylint: disable=import-outside-toplevel
+        weights, bundled_tokenizer = onnx_file.load_onnx_model(path)
     elif not os.path.exists(path):
         raise ModelFileError(f"model path not found: {path}")
     else:

@@ -1,0 +1,477 @@
+"""geb_jax parameters -> one ONNX decoder graph for prefill and decode, with a KV cache.
+
+Why hand-built with onnx.helper (not torch.onnx): the graph is exactly our block (float32
+RMSNorm, rotate-half RoPE from precomputed float32 tables, GQA without repeated KV weights,
+SwiGLU, pre/post norm, tied/untied head), small, and free of tracing artefacts.
+
+Interface (the names optimum and onnxruntime-genai use for Llama decoders):
+  inputs   input_ids [B, T] int64, attention_mask [B, P+T] int64 (0 = padding, left padding
+           allowed), position_ids [B, T] int64, past_key_values.{i}.key / .value [B, K, P, H]
+           float32 (P = 0 for a prefill)
+  outputs  logits [B, T, V] float32, present.{i}.key / .value [B, K, P+T, H]
+A token at cache slot s attends to slots <= s whose attention_mask is 1. Masked scores are set
+to float32's lowest value (not -inf), so a padding row that sees nothing gets finite
+garbage instead of NaN, which would otherwise leak into real rows through 0 * NaN.
+
+Read `build_onnx_model` first; `export_onnx` adds metadata, writes atomically and checks the
+written file with onnxruntime against the numpy engine. File names and metadata keys live in
+geb_jax/infer/onnx_file.py (the jax-free reader). Shapes: B T S D N K G H F V as in
+model/config.py, P past length, G = N / K.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import geb_jax
+from geb_jax.data import chat
+from geb_jax.data.tokenizer import Tokenizer
+from geb_jax.infer import onnx_file as fmt
+from geb_jax.infer.config import InferConfig
+from geb_jax.infer.engine import Engine, rope_tables
+from geb_jax.infer.weights import Weights
+
+DEFAULT_OPSET = 17  # widely supported; the ops used here exist unchanged from 17 to 21
+SUPPORTED_OPSETS = range(17, 22)
+# Initializer bytes above which weights go to an external .data file: protobuf cannot
+# serialise a message over 2 GiB, and the graph, metadata and tokenizer need some room.
+EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 27
+QUANT_BITS = {"int8": 8, "int4": 4}
+VERIFY_TEXT = "The quick brown fox jumps over the lazy dog."
+VERIFY_TOLERANCE = 1e-3  # times max(1, max |logit|): summation-order noise is ~1e-6 of that
+CHAT_TEMPLATE_NAME = "geb_jax-role-tokens-v1"
+CHAT_TEMPLATE_DESCRIPTION = (
+    "<s> then each message as its role token (<|system|>, <|user|>, <|assistant|>), its text "
+    "and <|end|>, with no other glue; a generation prompt ends with <|assistant|> and the "
+    "reply ends at <|end|>. geb_jax spells role-token strings typed inside message text with "
+    "byte pieces (geb_jax/data/chat.py); a plain Jinja render cannot.")
+
+
+class OnnxExportError(ValueError):
+    """An export request that cannot be met; the message names the argument and the fix."""
+
+
+# ---- graph building ----------------------------------------------------------------------
+
+class _Graph:
+    """Collects nodes and initializers; op() names outputs after the node's scope."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._names: collections.Counter = collections.Counter()
+        self._consts: dict[tuple, str] = {}
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        """A small constant (shapes, axes, scalars), shared by every node that uses it."""
+        array = np.asarray(values, dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(f"const/{len(self._consts)}", array)
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs, scope: str, outputs: int = 1, domain: str = "",
+           **attrs):
+        base = f"{scope}/{op_type}"
+        self._names[base] += 1
+        name = base if self._names[base] == 1 else f"{base}_{self._names[base] - 1}"
+        outs = [f"{name}/output_{j}" for j in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name,
+                                           domain=domain or None, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def unsqueeze(self, x: str, axes, scope: str) -> str:
+        return self.op("Unsqueeze", [x, self.const(axes)], scope)
+
+    def reduce_mean_last(self, x: str, scope: str) -> str:
+        if self.opset >= 18:  # axes became an input in opset 18
+            return self.op("ReduceMean", [x, self.const([-1])], scope, keepdims=1)
+        return self.op("ReduceMean", [x], scope, axes=[-1], keepdims=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quant:
+    bits: int | None  # None: float32 MatMul
+    block_size: int
+
+
+def _quantize_nbits(w_kn: np.ndarray, bits: int, block_size: int):
+    """onnxruntime's own MatMulNBits quantizer kernel (the one MatMulNBitsQuantizer calls).
+
+    int8 is symmetric (default zero point 128), int4 asymmetric with uint4 zero points (16
+    levels fitted to each block's [min, max]), like the numpy engine's int8 / int4."""
+    # pylint: disable=import-outside-toplevel,no-name-in-module
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    k, n = w_kn.shape
+    blocks = -(-k // block_size)
+    w = np.zeros((blocks * block_size, n), np.float32)
+    w[:k] = w_kn
+    packed = np.zeros((n, blocks, block_size * bits // 8), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, -(-blocks * bits // 8)), np.uint8)
+    symmetric = bits == 8
+    kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    kernel(packed, w, scales, zero_points, block_size, n, blocks * block_size, symmetric)
+    return packed, scales, None if symmetric else zero_points
+
+
+def _linear(g: _Graph, x: str, w_kn: np.ndarray, name: str, quant: _Quant, scope: str) -> str:
+    """x [..., in] @ W (in, out): a MatMul, or com.microsoft MatMulNBits when quantizing."""
+    base = name + fmt.MATMUL_SUFFIX
+    if quant.bits is None:
+        return g.op("MatMul", [x, g.weight(base, w_kn)], scope)
+    packed, scales, zero_points = _quantize_nbits(w_kn, quant.bits, quant.block_size)
+    inputs = [x, g.weight(f"{base}_Q{quant.bits}", packed), g.weight(f"{base}_scales", scales)]
+    if zero_points is not None:
+        inputs.append(g.weight(f"{base}_zero_points", zero_points))
+    k, n = w_kn.shape
+    return g.op("MatMulNBits", inputs, scope, domain="com.microsoft", K=k, N=n,
+                bits=quant.bits, block_size=quant.block_size)
+
+
+def _rms_norm(g: _Graph, x: str, scale_name: str, scale: np.ndarray, eps: float,
+              scope: str) -> str:
+    """x / sqrt(mean(x^2) + eps) * scale over D, in float32 (as model/layers.py)."""
+    ms = g.reduce_mean_last(g.op("Mul", [x, x], scope), scope)
+    rms = g.op("Sqrt", [g.op("Add", [ms, g.const(eps, np.float32)], scope)], scope)
+    return g.op("Mul", [g.op("Div", [x, rms], scope), g.weight(scale_name, scale)], scope)
+
+
+def _rope(g: _Graph, x: str, cos: str, sin: str, half: int, scope: str) -> str:
+    """Rotate halves of x [B, heads, T, H]: (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    axis = g.const([-1])
+    x1 = g.op("Slice", [x, g.const([0]), g.const([half]), axis], scope)
+    x2 = g.op("Slice", [x, g.const([half]), g.const([2 * half]), axis], scope)
+    first = g.op("Sub", [g.op("Mul", [x1, cos], scope), g.op("Mul", [x2, sin], scope)], scope)
+    second = g.op("Add", [g.op("Mul", [x2, cos], scope), g.op("Mul", [x1, sin], scope)], scope)
+    return g.op("Concat", [first, second], scope, axis=-1)
+
+
+def _attention(g: _Graph, x: str, i: int, weights: Weights, named: Mapping[str, np.ndarray],
+               cos: str, sin: str, allowed: str, quant: _Quant, scope: str) -> str:
+    """GQA over past + new keys; appends present.{i}.key / .value to the graph outputs."""
+    c = weights.config
+    n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
+    p = f"model.layers.{i}.self_attn."
+
+    def proj(which: str, heads: int) -> str:  # [B, T, D] -> [B, heads, T, H]
+        y = _linear(g, x, named[p + f"{which}_proj.weight"].T, p + f"{which}_proj", quant,
+                    f"{scope}/{which}_proj")
+        y = g.op("Reshape", [y, g.const([0, 0, heads, h])], scope)  # (B, T, heads, H)
+        return g.op("Transpose", [y], scope, perm=[0, 2, 1, 3])  # (B, heads, T, H)
+
+    q = _rope(g, proj("q", n), cos, sin, h // 2, f"{scope}/rope_q")
+    new_k = _rope(g, proj("k", k), cos, sin, h // 2, f"{scope}/rope_k")
+    new_v = proj("v", k)
+    present_k = g.op("Concat", [f"past_key_values.{i}.key", new_k], scope, axis=2)
+    present_v = g.op("Concat", [f"past_key_values.{i}.value", new_v], scope, axis=2)
+    g.nodes.append(helper.make_node("Identity", [present_k], [f"present.{i}.key"],
+                                    name=f"{scope}/present_key"))
+    g.nodes.append(helper.make_node("Identity", [present_v], [f"present.{i}.value"],
+                                    name=f"{scope}/present_value"))
+    # Query heads n = kv * G + g share KV head kv: (B, N, T, H) -> (B, K, G, T, H), and the
+    # cache gets a broadcast G axis, so no KV head is ever copied.
+    q = g.op("Mul", [q, g.const(1.0 / np.sqrt(h), np.float32)], scope)
+    q5 = g.op("Reshape", [q, g.const([0, k, n // k, -1, h])], scope)  # (B, K, G, T, H)
+    k_t = g.op("Transpose", [present_k], scope, perm=[0, 1, 3, 2])  # (B, K, H, S)
+    scores = g.op("MatMul", [q5, g.unsqueeze(k_t, [2], scope)], scope)  # (B, K, G, T, S)
+    lowest = g.const(np.finfo(np.float32).min, np.float32)
+    scores = g.op("Where", [allowed, scores, lowest], scope)
+    probs = g.op("Softmax", [scores], scope, axis=-1)
+    ctx = g.op("MatMul", [probs, g.unsqueeze(present_v, [2], scope)], scope)  # (B,K,G,T,H)
+    ctx = g.op("Transpose", [ctx], scope, perm=[0, 3, 1, 2, 4])  # (B, T, K, G, H)
+    ctx = g.op("Reshape", [ctx, g.const([0, 0, n * h])], scope)  # (B, T, N*H)
+    return _linear(g, ctx, named[p + "o_proj.weight"].T, p + "o_proj", quant, f"{scope}/o_proj")
+
+
+def _mlp(g: _Graph, x: str, i: int, named, quant: _Quant, scope: str) -> str:
+    """down(silu(gate(x)) * up(x))."""
+    p = f"model.layers.{i}.mlp."
+    gate = _linear(g, x, named[p + "gate_proj.weight"].T, p + "gate_proj", quant,
+                   f"{scope}/gate_proj")
+    up = _linear(g, x, named[p + "up_proj.weight"].T, p + "up_proj", quant, f"{scope}/up_proj")
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], scope)], scope), up], scope)
+    return _linear(g, act, named[p + "down_proj.weight"].T, p + "down_proj", quant,
+                   f"{scope}/down_proj")
+
+
+def _attention_mask(g: _Graph) -> str:
+    """allowed [B, 1, 1, T, S] bool: key slot s <= query slot P + t, and attention_mask[b, s]."""
+    scope = "/model/attn_mask"
+    past = g.op("Shape", ["past_key_values.0.key"], scope, start=2, end=3)  # [P]
+    new = g.op("Shape", ["input_ids"], scope, start=1, end=2)  # [T]
+    total = g.op("Squeeze", [g.op("Add", [past, new], scope), g.const([0])], scope)  # S
+    past = g.op("Squeeze", [past, g.const([0])], scope)
+    one, zero = g.const(1), g.const(0)
+    q_slots = g.op("Range", [past, total, one], scope)  # (T,)
+    k_slots = g.op("Range", [zero, total, one], scope)  # (S,)
+    causal = g.op("LessOrEqual", [g.unsqueeze(k_slots, [0], scope),
+                                  g.unsqueeze(q_slots, [1], scope)], scope)  # (T, S)
+    keys = g.op("Cast", ["attention_mask"], scope, to=TensorProto.BOOL)  # (B, S)
+    return g.op("And", [g.unsqueeze(causal, [0, 1, 2], scope),
+                        g.unsqueeze(keys, [1, 2, 3], scope)], scope)
+
+
+def build_onnx_model(weights: Weights, *, quantize: str | None = None, block_size: int = 32,
+                     opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The decoder graph of float32 `weights` (no metadata); see the module docstring."""
+    c = weights.config
+    bits = _check_quantize(quantize, block_size)
+    if opset not in SUPPORTED_OPSETS:
+        raise OnnxExportError(f"opset={opset} is not supported; choose one of "
+                              f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}.")
+    quant = _Quant(bits, block_size)
+    named = weights.to_named_tensors()  # HF names, torch [out, in] layouts
+    g = _Graph(opset)
+    x = g.op("Gather", [g.weight("model.embed_tokens.weight", named["model.embed_tokens.weight"]),
+                        "input_ids"], "/model/embed_tokens", axis=0)  # (B, T, D)
+    cos_table, sin_table = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)  # (max, H/2)
+    rope = "/model/rope"
+    cos = g.unsqueeze(g.op("Gather", [g.weight("rope.cos_cache", cos_table), "position_ids"],
+                           rope, axis=0), [1], rope)  # (B, 1, T, H/2)
+    sin = g.unsqueeze(g.op("Gather", [g.weight("rope.sin_cache", sin_table), "position_ids"],
+                           rope, axis=0), [1], rope)
+    allowed = _attention_mask(g)
+    for i in range(c.n_layers):
+        scope, p = f"/model/layers.{i}", f"model.layers.{i}."
+        attn_norm, mlp_norm = p + "input_layernorm.weight", p + "post_attention_layernorm.weight"
+        if c.norm_position == "pre":
+            h = _rms_norm(g, x, attn_norm, named[attn_norm], c.norm_eps, scope + "/attn_norm")
+            x = g.op("Add", [x, _attention(g, h, i, weights, named, cos, sin, allowed, quant,
+                                           scope + "/attn")], scope)
+            h = _rms_norm(g, x, mlp_norm, named[mlp_norm], c.norm_eps, scope + "/mlp_norm")
+            x = g.op("Add", [x, _mlp(g, h, i, named, quant, scope + "/mlp")], scope)
+        else:  # post-norm: norm(x + f(x))
+            a = _attention(g, x, i, weights, named, cos, sin, allowed, quant, scope + "/attn")
+            x = _rms_norm(g, g.op("Add", [x, a], scope), attn_norm, named[attn_norm],
+                          c.norm_eps, scope + "/attn_norm")
+            m = _mlp(g, x, i, named, quant, scope + "/mlp")
+            x = _rms_norm(g, g.op("Add", [x, m], scope), mlp_norm, named[mlp_norm],
+                          c.norm_eps, scope + "/mlp_norm")
+    x = _rms_norm(g, x, "model.norm.weight", named["model.norm.weight"], c.norm_eps,
+                  "/model/norm")
+    if c.tie_embeddings:  # Gemm(transB) reads the (V, D) table in place: no transposed copy
+        flat = g.op("Reshape", [x, g.const([-1, c.d_model])], "/lm_head")
+        logits = g.op("Gemm", [flat, "model.embed_tokens.weight"], "/lm_head", transB=1)
+        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"], "/lm_head"),
+                                    g.const([c.vocab_size])], "/lm_head", axis=0)
+        logits = g.op("Reshape", [logits, out_shape], "/lm_head")
+    else:  # the head stays float32, as the numpy engine keeps it by default
+        logits = g.op("MatMul", [x, g.weight("lm_head" + fmt.MATMUL_SUFFIX,
+                                             named["lm_head.weight"].T)], "/lm_head")
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
+    return _make_model(g, c)
+
+
+def _make_model(g: _Graph, c: InferConfig) -> onnx.ModelProto:
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv = ["batch_size", c.n_kv_heads, None, c.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", i64,
+                                            ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", i64,
+                                            ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length",
+                                                             c.vocab_size])]
+    for i in range(c.n_layers):
+        for which in ("key", "value"):
+            kv[2] = "past_sequence_length"
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{which}", f32, kv))
+            kv[2] = "total_sequence_length"
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{which}", f32, kv))
+    graph = helper.make_graph(g.nodes, "geb_jax_decoder", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", g.opset)]
+    if any(node.domain == "com.microsoft" for node in g.nodes):
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name=fmt.PRODUCER,
+                              producer_version=geb_jax.__version__,
+                              ir_version=helper.find_min_ir_version_for(opsets, True))
+    model.doc_string = "geb_jax Llama-family decoder with KV cache (prefill and decode)"
+    return model
+
+
+def _check_quantize(quantize: str | None, block_size: int) -> int | None:
+    if quantize in (None, "none", "float32"):
+        return None
+    if quantize not in QUANT_BITS:
+        raise OnnxExportError(f"quantize={quantize!r} is not one of None, 'int8', 'int4'.")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise OnnxExportError(f"block_size={block_size} must be a power of two >= 16 "
+                              f"(com.microsoft MatMulNBits); 32 is the usual choice.")
+    return QUANT_BITS[quantize]
+
+
+# ---- metadata ----------------------------------------------------------------------------
+
+def chat_template_jinja() -> str:
+    """The chat template of geb_jax/data/chat.py as a Hugging Face style Jinja template."""
+    roles = ", ".join(f"'{role}': '{token}'" for role, token in chat.ROLE_TOKENS.items())
+    return ("{% set role_tokens = {" + roles + "} %}{{ bos_token }}"
+            "{% for message in messages %}{{ role_tokens[message['role']] }}"
+            "{{ message['content'] }}" + chat.END_TOKEN + "{% endfor %}"
+            "{% if add_generation_prompt %}" + chat.ROLE_TOKENS["assistant"] + "{% endif %}")
+
+
+def _config_dict(model_config: Any) -> dict:
+    if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
+        return dataclasses.asdict(model_config)
+    if hasattr(model_config, "to_dict"):  # ml_collections.ConfigDict
+        return dict(model_config.to_dict())
+    if isinstance(model_config, Mapping):
+        return dict(model_config)
+    raise OnnxExportError(f"model_config must be a ModelConfig, ConfigDict or dict, got "
+                          f"{type(model_config).__name__}")
+
+
+def _set_metadata(model: onnx.ModelProto, config: dict, tokenizer_bytes: bytes,
+                  quantize: str | None, block_size: int) -> None:
+    values = {
+        fmt.META_PRODUCER: fmt.PRODUCER,
+        fmt.META_FORMAT: fmt.FORMAT_VERSION,
+        fmt.META_CONFIG: json.dumps(config, sort_keys=True),
+        fmt.META_TOKENIZER: base64.b64encode(tokenizer_bytes).decode("ascii"),
+        fmt.META_TOKENIZER_SHA256: hashlib.sha256(tokenizer_bytes).hexdigest(),
+        fmt.META_CHAT_TEMPLATE: chat_template_jinja(),
+        fmt.META_CHAT_NAME: CHAT_TEMPLATE_NAME,
+        fmt.META_CHAT_DESCRIPTION: CHAT_TEMPLATE_DESCRIPTION,
+        fmt.META_QUANTIZATION: quantize or "none",
+        fmt.META_BLOCK_SIZE: str(block_size),
+    }
+    helper.set_model_props(model, values)
+
+
+# ---- running and checking ----------------------------------------------------------------
+
+def ort_feed(config: InferConfig, input_ids, attention_mask=None, position_ids=None,
+             past: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """onnxruntime inputs for new tokens (B, T). attention_mask (B, P+T) defaults to ones;
+    position_ids default to cumsum(mask) - 1 over the new slots (padding gets 0); past is a
+    previous run's present.* outputs by name (empty when None)."""
+    ids = np.asarray(input_ids, np.int64)
+    b, t = ids.shape
+    past = dict(past or {})
+    p = past["present.0.key"].shape[2] if past else 0
+    mask = np.ones((b, p + t), np.int64) if attention_mask is None else np.asarray(
+        attention_mask, np.int64)
+    if position_ids is None:
+        position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, p:]
+    feed = {"input_ids": ids, "attention_mask": mask,
+            "position_ids": np.asarray(position_ids, np.int64)}
+    empty = np.zeros((b, config.n_kv_heads, 0, config.head_dim), np.float32)
+    for i in range(config.n_layers):
+        for which in ("key", "value"):
+            feed[f"past_key_values.{i}.{which}"] = past.get(f"present.{i}.{which}", empty)
+    return feed
+
+
+def ort_session(path: str):
+    """A CPU onnxruntime session on an exported file (external data found beside it)."""
+    import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _verify(path: str, tokenizer: Tokenizer) -> float:
+    """Last-token logits of a fixed prompt: onnxruntime on the file vs the numpy engine on
+    the weights read back from it. Returns the max abs difference; raises past tolerance."""
+    weights, _ = fmt.read_onnx_weights(path)
+    c = weights.config
+    ids = tokenizer.encode(VERIFY_TEXT, add_bos=True)[:c.max_seq_len]
+    expected = Engine(weights, max_len=len(ids)).prefill([ids])[0]
+    session = ort_session(path)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(None, ort_feed(c, [ids]))))["logits"][0, -1]
+    diff = float(np.abs(got - expected).max())
+    tolerance = VERIFY_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+    if not diff <= tolerance:
+        raise OnnxExportError(f"{path}: onnxruntime logits differ from the numpy engine by "
+                              f"{diff:.3g} (> {tolerance:.3g}) on a fixed prompt; the export "
+                              f"is wrong and was not put in place.")
+    return diff
+
+
+# ---- export ------------------------------------------------------------------------------
+
+def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_path: str, *,
+                quantize: str | None = None, block_size: int = 32, opset: int = DEFAULT_OPSET,
+                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+                overwrite: bool = False, verify: bool = True) -> str:
+    """Write `out_path` (.onnx), plus `out_path`.data when the weights exceed
+    external_data_threshold bytes, and tokenizer.model beside it. Returns out_path.
+
+    params: the model's parameter tree (numpy or jax arrays); model_config: ModelConfig,
+    ConfigDict or dict; quantize: None, "int8" or "int4" (layer linears as MatMulNBits with
+    `block_size` rows per block; embedding and head stay float32). Files are written to a
+    temporary folder, checked with onnxruntime against the numpy engine (verify=True), then
+    renamed into place, the .onnx last.
+    """
+    out_path = os.path.abspath(os.fspath(out_path))
+    if not out_path.endswith(".onnx"):
+        raise OnnxExportError(f"out_path {out_path} must end with .onnx")
+    _check_quantize(quantize, block_size)
+    config = _config_dict(model_config)
+    weights = Weights.from_params(params, config)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer.check_matches_model(weights.config.vocab_size, allow_padding=True)
+    with open(tokenizer_path, "rb") as f:
+        tokenizer_bytes = f.read()
+    folder, name = os.path.split(out_path)
+    data_name = name + ".data"
+    tokenizer_target = os.path.join(folder, fmt.TOKENIZER_FILE)
+    _check_targets(out_path, tokenizer_target, tokenizer_bytes, overwrite)
+
+    model = build_onnx_model(weights, quantize=quantize, block_size=block_size, opset=opset)
+    del weights
+    _set_metadata(model, config, tokenizer_bytes, quantize, block_size)
+    external = sum(len(t.raw_data) for t in model.graph.initializer) > external_data_threshold
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
+    try:
+        tmp_model = os.path.join(tmp, name)
+        if external:
+            onnx.save_model(model, tmp_model, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, tmp_model)
+        del model
+        shutil.copyfile(tokenizer_path, os.path.join(tmp, fmt.TOKENIZER_FILE))
+        if verify:
+            _verify(tmp_model, tokenizer)
+        if external:
+            os.replace(os.path.join(tmp, data_name), os.path.join(folder, data_name))
+        os.replace(os.path.join(tmp, fmt.TOKENIZER_FILE), tokenizer_target)
+        os.replace(tmp_model, out_path)
+        if not external and os.path.exists(os.path.join(folder, data_name)):
+            os.remove(os.path.join(folder, data_name))  # left by a replaced external export
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_path
+
+
+def _check_targets(out_path: str, tokenizer_target: str, tokenizer_bytes: bytes,
+                   overwrite: bool) -> None:
+    if overwrite:
+        return
+    if os.path.exists(out_path) or os.path.exists(out_path + ".data"):
+        raise OnnxExportError(f"{out_path} already exists; pass overwrite=True to replace it")
+    if os.path.exists(tokenizer_target):
+        with open(tokenizer_target, "rb") as f:
+            if f.read() != tokenizer_bytes:
+                raise OnnxExportError(
+                    f"{tokenizer_target} exists with a different tokenizer; export into another "
+                    f"folder or pass overwrite=True")

@@ -1,0 +1,232 @@
+"""Read a geb_jax ONNX export back into numpy `Weights`, with the `onnx` package only.
+
+Why: the numpy engine must serve the same file that onnxruntime runs, without onnxruntime or
+jax installed. This module also owns the file format's names (metadata keys, initializer
+names) so the exporter (geb_jax/export/onnx_export.py) and the reader cannot drift apart.
+
+Format, as written by `export_onnx`:
+* metadata_props: ``producer`` = "geb_jax", ``geb_jax.format_version``, the model config JSON,
+  the SentencePiece model (base64) and its sha256, the chat template (Jinja, under the
+  Hugging Face key ``chat_template``) with a name and description, the quantization.
+* initializers named after the Hugging Face tensors, but in MatMul layout (in, out):
+  ``model.layers.{i}.self_attn.q_proj.MatMul.weight`` ... and ``lm_head.MatMul.weight``;
+  the embedding table ``model.embed_tokens.weight`` (V, D) and the norms keep HF layouts.
+* quantized linears are com.microsoft MatMulNBits nodes whose B input is
+  ``<linear>.MatMul.weight_Q4`` / ``_Q8`` (uint8 (out, blocks, bytes per block)), with
+  ``_scales`` (out, blocks) and, for int4, packed uint8 ``_zero_points``.
+
+MatMulNBits weights are dequantized to float32 on load: their layout does not map onto
+geb_jax.infer.quantize (int8 here has one scale per 32-row block, Int8Matrix one per column;
+int4 has integer zero points and float32 scales, Int4Matrix float16 minimum and scale), so
+`load_model(path, quantize=...)` re-quantizes for the numpy engine when asked.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from geb_jax.infer.config import InferConfig, InferConfigError
+from geb_jax.infer.loading import ModelFileError
+from geb_jax.infer.weights import Weights, WeightsError
+
+PRODUCER = "geb_jax"
+FORMAT_VERSION = "1"
+META_PRODUCER = "producer"
+META_FORMAT = "geb_jax.format_version"
+META_CONFIG = "geb_jax.model_config"
+META_TOKENIZER = "geb_jax.tokenizer_model_base64"
+META_TOKENIZER_SHA256 = "geb_jax.tokenizer_model_sha256"
+META_CHAT_TEMPLATE = "chat_template"  # the Hugging Face tokenizer_config key: a Jinja template
+META_CHAT_NAME = "geb_jax.chat_template_name"
+META_CHAT_DESCRIPTION = "geb_jax.chat_template_description"
+META_QUANTIZATION = "geb_jax.quantization"  # "none", "int8" or "int4"
+META_BLOCK_SIZE = "geb_jax.block_size"
+MATMUL_SUFFIX = ".MatMul.weight"  # float (in, out); MatMulNBits adds _Q4 / _Q8, _scales, ...
+TOKENIZER_FILE = "tokenizer.model"  # written beside the .onnx by the exporter
+
+
+def linear_names(n_layers: int, tie_embeddings: bool) -> list[str]:
+    """Hugging Face names of every linear layer (torch [out, in] weights) in graph order."""
+    names = []
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        names += [p + f"self_attn.{x}_proj" for x in "qkvo"]
+        names += [p + f"mlp.{x}_proj" for x in ("gate", "up", "down")]
+    return names if tie_embeddings else names + ["lm_head"]
+
+
+@dataclasses.dataclass
+class OnnxModelInfo:
+    """What the metadata of an export says (no weights)."""
+    path: str
+    config: InferConfig
+    config_dict: dict  # the ModelConfig fields as exported (training-only fields included)
+    tokenizer_bytes: bytes
+    quantization: str | None  # None, "int8" or "int4"
+    chat_template: str
+    metadata: dict
+
+
+def dequantize_matmul_nbits(packed: np.ndarray, scales: np.ndarray,
+                            zero_points: np.ndarray | None, k: int, n: int, bits: int,
+                            block_size: int) -> np.ndarray:
+    """MatMulNBits' B as a float32 (K, N) matrix: (code - zero_point) * scale per block.
+
+    packed: uint8 (N, blocks, block_size * bits / 8), codes low bits first along K;
+    scales: (N, blocks) or flat; zero_points: uint8 (N, ceil(blocks * bits / 8)) packed the
+    same way, or None for the symmetric default 2^(bits - 1)."""
+    if bits not in (4, 8):
+        raise ValueError(f"MatMulNBits bits={bits} is not supported (4 or 8)")
+    blocks = -(-k // block_size)
+    packed = np.asarray(packed, np.uint8).reshape(n, blocks, block_size * bits // 8)
+    if bits == 4:
+        codes = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, blocks, block_size)
+    else:
+        codes = packed
+    if zero_points is None:
+        zero = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+    else:
+        zp = np.asarray(zero_points, np.uint8).reshape(n, -1)
+        if bits == 4:
+            zp = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)
+        zero = zp[:, :blocks].astype(np.float32)
+    scale = np.asarray(scales, np.float32).reshape(n, blocks)
+    w_nbk = (codes.astype(np.float32) - zero[:, :, None]) * scale[:, :, None]
+    return np.ascontiguousarray(w_nbk.reshape(n, blocks * block_size)[:, :k].T)
+
+
+def _load_proto(path: str):
+    import onnx  # pylint: disable=import-outside-toplevel
+    from google.protobuf.message import DecodeError  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"ONNX model file not found: {path}")
+    try:
+        return onnx.load_model(path, load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise ModelFileError(f"{path} is not a readable ONNX file (truncated or corrupt?): "
+                             f"{type(e).__name__}: {e}") from None
+
+
+def _info(path: str, model) -> OnnxModelInfo:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get(META_PRODUCER) != PRODUCER or META_CONFIG not in meta:
+        raise ModelFileError(
+            f"{path} is not an ONNX model exported by geb_jax (no '{META_PRODUCER}: "
+            f"{PRODUCER}' metadata; the file may also be truncated). Export one with "
+            f"geb_jax.export.onnx_export.export_onnx.")
+    if meta.get(META_FORMAT) != FORMAT_VERSION:
+        raise ModelFileError(f"{path} has geb_jax ONNX format {meta.get(META_FORMAT)!r}; this "
+                             f"version reads format {FORMAT_VERSION!r}. Re-export the model.")
+    try:
+        config_dict = json.loads(meta[META_CONFIG])
+        config = InferConfig.from_dict(config_dict)
+        tokenizer = base64.b64decode(meta[META_TOKENIZER], validate=True)
+    except (KeyError, ValueError, TypeError, InferConfigError) as e:
+        raise ModelFileError(f"{path}: damaged geb_jax metadata: {type(e).__name__}: {e}") \
+            from None
+    if hashlib.sha256(tokenizer).hexdigest() != meta.get(META_TOKENIZER_SHA256):
+        raise ModelFileError(f"{path}: the embedded tokenizer does not match its sha256")
+    quantization = meta.get(META_QUANTIZATION, "none")
+    return OnnxModelInfo(path, config, config_dict, tokenizer,
+                         None if quantization == "none" else quantization,
+                         meta.get(META_CHAT_TEMPLATE, ""), meta)
+
+
+def read_onnx_info(path: str) -> OnnxModelInfo:
+    """The metadata of a geb_jax export: config, tokenizer bytes, chat template, quantization."""
+    path = os.fspath(path)
+    return _info(path, _load_proto(path))
+
+
+def read_onnx_weights(path: str) -> tuple[Weights, OnnxModelInfo]:
+    """A geb_jax .onnx (external data beside it, if any) -> float32 Weights and its metadata."""
+    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+    from onnx.external_data_helper import (  # pylint: disable=import-outside-toplevel
+        load_external_data_for_model)
+
+    path = os.fspath(path)
+    model = _load_proto(path)
+    info = _info(path, model)
+    try:
+        load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        arrays = {t.name: t for t in model.graph.initializer}
+        nbits = {node.input[1]: node for node in model.graph.node
+                 if node.op_type == "MatMulNBits"}
+
+        def array(name: str) -> np.ndarray:
+            if name not in arrays:
+                raise WeightsError(f"initializer {name!r} is missing")
+            return numpy_helper.to_array(arrays[name])
+
+        c = info.config
+        tensors = {"model.embed_tokens.weight": array("model.embed_tokens.weight"),
+                   "model.norm.weight": array("model.norm.weight")}
+        for i in range(c.n_layers):
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                name = f"model.layers.{i}.{norm}.weight"
+                tensors[name] = array(name)
+        for linear in linear_names(c.n_layers, c.tie_embeddings):
+            tensors[linear + ".weight"] = _linear_weight(linear, arrays, nbits, array).T
+        weights = Weights.from_named_tensors(tensors, c)
+    except (WeightsError, ValueError, OSError) as e:  # OSError: external data file missing
+        raise ModelFileError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
+                             f"the file (or its external data) is truncated or was not "
+                             f"written by geb_jax's exporter") from None
+    return weights, info
+
+
+def _linear_weight(linear: str, arrays, nbits, array) -> np.ndarray:
+    """The (in, out) float32 matrix of one linear layer, dequantized if it is MatMulNBits."""
+    name = linear + MATMUL_SUFFIX
+    if name in arrays:
+        return array(name)
+    for bits in (4, 8):
+        node = nbits.get(f"{name}_Q{bits}")
+        if node is None:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        zero = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        return dequantize_matmul_nbits(array(node.input[1]), array(node.input[2]), zero,
+                                       attrs["K"], attrs["N"], attrs.get("bits", 4),
+                                       attrs["block_size"])
+    raise WeightsError(f"linear layer {linear!r} has neither {name!r} nor a MatMulNBits "
+                       f"weight {name}_Q4 / _Q8")
+
+
+def tokenizer_file_for(info: OnnxModelInfo, cache_dir: str | None = None) -> str:
+    """A path holding the embedded tokenizer: tokenizer.model beside the .onnx when its bytes
+    match, else a copy extracted (atomically) into the geb_jax cache, named by its sha256."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(info.path)), TOKENIZER_FILE)
+    if os.path.isfile(beside):
+        with open(beside, "rb") as f:
+            if f.read() == info.tokenizer_bytes:
+                return beside
+    if cache_dir is None:
+        from geb_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
+        cache_dir = os.path.join(tokenizer.default_cache_dir(), "onnx-tokenizers")
+    sha = hashlib.sha256(info.tokenizer_bytes).hexdigest()
+    target = os.path.join(cache_dir, f"{sha[:24]}.model")
+    if not os.path.isfile(target):
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=cache_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(info.tokenizer_bytes)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return target
+
+
+def load_onnx_model(path: str) -> tuple[Weights, str]:
+    """For loading.load_model: (float32 Weights, path of the model's tokenizer file)."""
+    weights, info = read_onnx_weights(path)
+    return weights, tokenizer_file_for(info)
