@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.stages = "pretrain"  # comma-separated: pretrain,sft,dpo (train/stages.py)
     c.init_from = ""  # a finished stage's directory to take the first stage's parameters from
+    c.mode = "train"  # train | export (geb_jax/export/command.py)
 
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
@@ -37,16 +38,18 @@ def base_config() -> ml_collections.ConfigDict:
         inject_batches="", inject_kind="garbage"))
 
     c.data = ml_collections.ConfigDict(dict(
-        source="builtin",  # builtin | local | tfds | mixture (geb_jax/data/sources.py)
+        source="builtin",  # builtin | local | tfds | pretokenized | mixture (data/sources.py)
         tokenizer="builtin",  # "builtin": a sentencepiece BPE on the built-in corpus; or a path
         shuffle_seed=0,
-        path="",  # local: glob of .txt/.jsonl/.jsonl.gz/.parquet
+        path="",  # local: glob of .txt/.jsonl/.jsonl.gz/.parquet; pretokenized: its folder
         valid_path="",  # local: glob for the held-out split; "" = hash split of path
         valid_fraction=0.05,
         field="text",  # local/tfds: JSON key / Parquet column / tfds feature
         txt_unit="file",  # local .txt: one document per "file" or per "paragraph"
         lang="",  # builtin: keep only these ("en,zh"); local/tfds: a tag
-        validate=True,  # local: parse every record up front, so bad input fails early
+        validate=True,  # local: check every record up front, so bad ones are skipped early
+        bad_records="skip",  # local: "skip" (and count) malformed records, or "error"
+        max_record_bytes=16 * 2**20,  # local: a larger record (e.g. a 50 MB line) is skipped
         tfds_name="", tfds_data_dir="", tfds_train_split="train",
         tfds_valid_split="validation",
         mixture=[]))  # [{"source": ..., "weight": w, ...per-source keys above}, ...]
@@ -57,6 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3))
 
     c.eval = ml_collections.ConfigDict(dict(every=100, batches=4))
+
+    c.export = ml_collections.ConfigDict(dict(
+        stage="",  # "" = the last of config.stages
+        formats="numpy,onnx,gguf,hf",
+        onnx_quantize="none,int8,int4",  # one .onnx file each
+        gguf_dtypes="f16,q8_0",  # f32 | f16 | q8_0
+        out=""))  # "" = <workdir>/export
 
     # Per-stage differences, nested like the config (train/stages.py merges them).
     c.stage_overrides = ml_collections.ConfigDict(dict(

@@ -498,11 +498,42 @@ def test_prepare_cli_errors_name_the_problem(tmp_path):
     assert r.returncode == 2 and "none/*.jsonl" in r.stderr and "no file matches" in r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "no text field"}\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
     out_dir = tmp_path / "o2"
+    r = _prepare("--config", "configs/tiny.py", "--input", str(bad), "--input", str(empty),
+                 "--output", str(out_dir), "--config.data.clean.perplexity=false",
+                 "--no-progress")
+    assert r.returncode == 0, r.stderr  # bad records are skipped and counted, not fatal
+    skipped = json.loads((out_dir / "report.json").read_text())["input_skipped"]
+    assert skipped["skipped"] == {"empty file": 1, "text field missing": 1}
+    assert f"{bad}:2: text field missing" in skipped["examples"]
+    assert "1 text field missing" in (out_dir / "report.md").read_text()
+    bad.write_text('{"txt": "no text field"}\n[1, 2]\n')
+    out_dir = tmp_path / "o4"
     r = _prepare("--config", "configs/tiny.py", "--input", str(bad), "--output", str(out_dir),
                  "--config.data.clean.perplexity=false", "--no-progress")
-    assert r.returncode == 2 and f"{bad}:2" in r.stderr
+    assert r.returncode == 2 and "nothing usable" in r.stderr and str(bad) in r.stderr
     assert os.listdir(out_dir) == []  # the temporary file was removed, nothing half-written
     r = _prepare("--config", "configs/tiny.py", "--output", str(tmp_path / "o3"),
                  "--config.data.clean.c4_min_sentence=2")
     assert r.returncode == 2 and "data.clean.c4_min_sentences" in r.stderr
+
+
+def test_prepare_reader_skips_and_counts_bad_input(tmp_path):
+    from geb_jax.data.bad_input import SkipReport
+    from geb_jax.data.prepare import PrepareError, read_files
+
+    files = {"empty.jsonl": b"", "latin1.txt": b"caf\xe9", "good.txt": b"fine text",
+             "mixed.jsonl": b'{"text": "a"}\n{"body": 1}\n{"text": 7}\n{"text": "\xff"}\n'
+                            b'oops\n{"text": "' + b"z" * (50 * 2**20) + b'"}\n{"text": "b"}\n'}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    skipped = SkipReport()
+    docs = list(read_files([str(tmp_path / n) for n in files], skipped, 2**20))
+    assert [d["text"] for d in docs] == ["fine text", "a", "b"]
+    assert dict(skipped.counts) == {"empty file": 1, "invalid UTF-8": 2, "text field missing": 1,
+                                    "text field not a string": 1, "invalid JSON": 1,
+                                    "record too large": 1}
+    with pytest.raises(PrepareError, match=r"nothing usable.*empty\.jsonl"):
+        list(read_files([str(tmp_path / "empty.jsonl")]))

@@ -511,3 +511,35 @@ def test_batches_feed_the_losses(tok, texts):
     loss, metrics = losses.dpo_loss(None, dpo, apply, reference_params={})
     np.testing.assert_allclose(float(loss), np.log(2.0), rtol=1e-5)
     assert float(metrics["pairs"]) == 2
+
+
+# ----------------------------------------------------------------------------- shipped mixtures
+def test_shipped_mixtures_sum_to_one_and_sampling_follows_weights(tmp_path):
+    """configs/data_mixtures.py: weights sum to 1; the sampled sources pass a chi-square test."""
+    import scipy.stats
+
+    from configs.data_mixtures import geb_mixture, tinyllama_mixture
+    from geb_jax.data import sources as S
+
+    for entries in (geb_mixture(), tinyllama_mixture()):
+        assert sum(e["weight"] for e in entries) == pytest.approx(1.0, abs=1e-12)
+        assert all("<path to" in e["path"] for e in entries)  # placeholders until filled
+    paths = {}
+    for k, name in enumerate(("c4", "github_stackexchange", "chinese_commoncrawl", "wudao",
+                              "skypile")):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{name} document {i}"}) + "\n"
+                                for i in range(7 + 3 * k)), encoding="utf-8")
+        paths[name] = str(path)
+    config = {"source": "mixture", "mixture": geb_mixture(**paths)}
+    mix = S.documents_from_config(config, "train")  # hash split: ~95% of each file
+    ds = P.mixture(mix.datasets, mix.weights, seed=0)
+    n = 20_000
+    counts = collections.Counter(ds[i]["text"].split(" document")[0] for i in range(n))
+    names = list(mix.weights)
+    expected = np.array([mix.weights[k] for k in names]) * n
+    observed = np.array([counts[k] for k in names])
+    chi2 = float(np.sum((observed - expected) ** 2 / expected))
+    assert chi2 < scipy.stats.chi2.ppf(0.999, df=len(names) - 1), (observed, expected)
+    with pytest.raises(ValueError, match="unknown mixture component"):
+        geb_mixture(c5="x")

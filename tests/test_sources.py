@@ -152,39 +152,42 @@ def test_bad_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "broken"\n', encoding="utf-8")
     with pytest.raises(S.SourceError, match=r"bad\.jsonl:3: not valid JSON"):
-        S.local_documents(str(path))
-    lazy = S.local_documents(str(path), validate=False)  # only indexed: fails when read
+        S.local_documents(str(path), bad_records="error")
+    lazy = S.local_documents(str(path), validate=False)  # only indexed: found when read
     assert len(lazy) == 2 and lazy[0]["text"] == "ok"
+    doc = lazy[1]  # counted once per read
+    assert doc["text"] == "" and doc["source"].endswith("bad.jsonl:3")  # skipped
+    assert S.local_source(lazy).skipped.counts == {"invalid JSON": 1}
     with pytest.raises(S.SourceError, match=r"bad\.jsonl:3: not valid JSON"):
-        lazy[1]
+        S.local_documents(str(path), validate=False, bad_records="error")[1]
 
 
 def test_missing_or_non_string_field_names_file_and_line(tmp_path):
     path = tmp_path / "f.jsonl"
     path.write_text('{"text": "a"}\n{"body": "b", "id": 2}\n', encoding="utf-8")
     with pytest.raises(S.SourceError, match=r"f\.jsonl:2: .*no field 'text'.*'body', 'id'"):
-        S.local_documents(str(path))
+        S.local_documents(str(path), bad_records="error")
     gz = tmp_path / "g.jsonl.gz"
     with gzip.open(gz, "wt") as f:
         f.write('{"text": "a"}\n{"text": 3}\n')
     with pytest.raises(S.SourceError, match=r"g\.jsonl\.gz:2: field 'text' is a int"):
-        S.local_documents(str(gz))
+        S.local_documents(str(gz), bad_records="error")
     arr = tmp_path / "h.jsonl"
     arr.write_text('["text"]\n', encoding="utf-8")
     with pytest.raises(S.SourceError, match=r"h\.jsonl:1: expected a JSON object"):
-        S.local_documents(str(arr))
+        S.local_documents(str(arr), bad_records="error")
 
 
 def test_parquet_without_column_lists_columns(tmp_path):
     path = write_parquet(tmp_path / "p.parquet", ["a", "b"], field="body")
     with pytest.raises(S.SourceError, match=r"p\.parquet: .*no column 'text'.*'id', 'body'"):
-        S.local_documents(path)
+        S.local_documents(path, bad_records="error")
     with pytest.raises(S.SourceError, match=r"column 'id' has type int64"):
-        S.local_documents(path, field="id")
+        S.local_documents(path, field="id", bad_records="error")
     nulls = tmp_path / "n.parquet"
     pq.write_table(pa.table({"text": ["a", None]}), nulls)
-    with pytest.raises(S.SourceError, match=r"n\.parquet: row 1: column 'text' is null"):
-        S.local_documents(str(nulls))
+    with pytest.raises(S.SourceError, match=r"n\.parquet:row 1: column 'text' is null"):
+        S.local_documents(str(nulls), bad_records="error")
 
 
 def test_other_local_errors(tmp_path):
@@ -193,12 +196,91 @@ def test_other_local_errors(tmp_path):
         S.local_documents(str(tmp_path / "*.csv"))
     (tmp_path / "bin.txt").write_bytes(b"ok \xff\xfe")
     with pytest.raises(S.SourceError, match=r"bin\.txt: not valid UTF-8"):
-        S.local_documents(str(tmp_path / "bin.txt"))
+        S.local_documents(str(tmp_path / "bin.txt"), bad_records="error")
     with pytest.raises(S.SourceError, match="txt_unit"):
         S.local_documents(str(tmp_path / "bin.txt"), txt_unit="line")
+    with pytest.raises(S.SourceError, match="bad_records"):
+        S.local_documents(str(tmp_path / "bin.txt"), bad_records="ignore")
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(S.SourceError, match="hold no documents"):
+    with pytest.raises(S.SourceError, match=r"nothing usable.*empty\.jsonl.*1 empty file"):
         S.local_documents(str(tmp_path / "empty.jsonl"))
+
+
+# ----------------------------------------------------------------------------- bad input
+BIG_LINE_BYTES = 50 * 2**20
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory):
+    """One good and one bad example of every kind the issue lists, in one folder."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "a_empty.txt").write_bytes(b"")
+    (d / "b_empty.jsonl").write_bytes(b"")
+    (d / "c_utf8.txt").write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
+    (d / "d_good.txt").write_text("a good text file", encoding="utf-8")
+    with open(d / "e_mixed.jsonl", "wb") as f:
+        f.write(b'{"text": "good one"}\n')
+        f.write(b'{"body": "no text field"}\n')
+        f.write(b'{"text": 42}\n')
+        f.write(b'{"text": ["a", "list"]}\n')
+        f.write(b'{"text": "bad \xff utf8"}\n')
+        f.write(b'{"text": "' + b"x" * BIG_LINE_BYTES + b'"}\n')  # a 50 MB single line
+        f.write(b'not json at all\n')
+        f.write(b'{"text": "good two"}\n')
+    pq.write_table(pa.table({"text": [1, 2, 3]}), d / "f_int_column.parquet")
+    pq.write_table(pa.table({"text": ["p1", None, "p2"]}), d / "g_nulls.parquet")
+    (d / "h_big.txt").write_bytes(b"y" * BIG_LINE_BYTES)  # a 50 MB single line, one file
+    return d
+
+
+EXPECTED_SKIPS = {"empty file": 2, "invalid UTF-8": 2, "text field missing": 1,
+                  "text field not a string": 2, "record too large": 2, "invalid JSON": 1,
+                  "Parquet column not text": 1, "text value null": 1}
+
+
+def test_bad_input_is_skipped_and_counted(bad_dir):
+    ds = S.local_documents(str(bad_dir / "*"), max_record_bytes=2**20)
+    assert [d["text"] for d in ds] == ["a good text file", "good one", "good two", "p1", "p2"]
+    skipped = S.local_source(ds).skipped
+    assert dict(skipped.counts) == EXPECTED_SKIPS
+    assert skipped.total == sum(EXPECTED_SKIPS.values())
+    assert any("e_mixed.jsonl:2" in e for e in skipped.examples)  # examples name file + line
+
+
+def test_bad_input_unvalidated_never_crashes_mid_run(bad_dir, tok):
+    """validate=False: bad records surface only when read, as empty (skipped) documents."""
+    ds = S.local_documents(str(bad_dir / "*.jsonl"), validate=False, max_record_bytes=2**20)
+    assert len(ds) == 7  # 9 lines but the 50 MB one (its size is known when indexing);
+    # the other bad lines are only found when read
+    texts = [d["text"] for d in ds]
+    assert texts == ["good one", "", "", "", "", "", "good two"]
+    skipped = S.local_source(ds).skipped
+    assert skipped.counts["record too large"] == 1 and skipped.counts["invalid JSON"] == 1
+    batches = list(P.pretrain_dataset(ds, tok, seq_len=8, batch_size=1, seed=0, num_epochs=1,
+                                      drop_remainder=False, prefetch=0))
+    rows = [np.concatenate([b["inputs"][0], b["targets"][0, -1:]]) for b in batches]
+    assert tok.decode(np.concatenate(rows)) in ("good onegood two", "good twogood one")
+
+
+def test_source_with_nothing_usable_is_one_clear_error(tmp_path):
+    bad = tmp_path / "all_bad.jsonl"
+    bad.write_text('{"body": "x"}\n{"body": "y"}\n', encoding="utf-8")
+    with pytest.raises(S.SourceError, match=r"nothing usable.*all_bad\.jsonl.*2 text field "
+                                            r"missing.*data\.field='text'"):
+        S.local_documents(str(bad))
+    pq.write_table(pa.table({"text": [1.5]}), tmp_path / "num.parquet")
+    with pytest.raises(S.SourceError, match=r"num\.parquet.*Parquet column not text"):
+        S.local_documents(str(tmp_path / "num.parquet"))
+
+
+def test_bad_input_config_fields(bad_dir):
+    cfg = data_config(source="local", path=str(bad_dir / "e_*.jsonl"), valid_fraction=0.0,
+                      max_record_bytes=2**20)
+    assert [d["text"] for d in S.documents_from_config(cfg, "train")] == ["good one",
+                                                                           "good two"]
+    cfg.bad_records = "error"
+    with pytest.raises(S.SourceError, match=r"e_mixed\.jsonl:2"):
+        S.documents_from_config(cfg, "train")
 
 
 # ----------------------------------------------------------------------------- tfds
@@ -366,7 +448,7 @@ def test_config_mixture_and_errors(corpus_dir, tfds_built):
     assert S.documents_from_config(again, "train").weights == mix.weights
 
     with pytest.raises(S.SourceError, match=r"unknown data.source 'hf'.*'builtin', 'local', "
-                                            r"'tfds', 'mixture'"):
+                                            r"'tfds', 'pretokenized', 'mixture'"):
         S.documents_from_config(data_config(source="hf"), "train")
     with pytest.raises(S.SourceError, match=r"mixture\[0\] has unknown key.*'pth'"):
         S.documents_from_config(data_config(source="mixture", mixture=[

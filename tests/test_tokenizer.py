@@ -224,3 +224,23 @@ def test_corpus_shipped_as_package_data():
     assert {"train.jsonl.gz", "valid.jsonl.gz", "LICENSES.txt", "manifest.json"} <= names
     for name in ("train.jsonl.gz", "valid.jsonl.gz"):
         assert len(builtin.joinpath(name).read_bytes()) < 2 * 1024 * 1024
+
+
+def test_chars_per_token_report_and_cli(tok, capsys):
+    """len(text) / len(ids) per language, ids from SentencePiece itself (not Tokenizer)."""
+    import sentencepiece as spm
+
+    from geb_jax.data import tokenizer as T
+    sp = spm.SentencePieceProcessor(model_file=tok.path)
+    report = T.chars_per_token_report(tok, "valid")
+    for lang in corpus.LANGS:
+        texts = list(corpus.builtin_texts("valid", lang))
+        assert not any("\u2581" in t for t in texts)  # raw SentencePiece ids == ours then
+        chars = sum(len(t) for t in texts)
+        tokens = sum(len(sp.encode(t)) for t in texts)
+        assert report[lang]["characters"] == chars and report[lang]["tokens"] == tokens
+        assert report[lang]["chars_per_token"] == pytest.approx(chars / tokens, rel=1e-12)
+    assert T.main(["--report", "--model", tok.path]) == 0
+    out = capsys.readouterr().out
+    assert f"| zh | {report['zh']['documents']:,} |" in out
+    assert f"{report['en']['chars_per_token']:.3f}" in out

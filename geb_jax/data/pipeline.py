@@ -111,6 +111,15 @@ def _text_of(doc: Any) -> str:
                     f"{type(doc).__name__}")
 
 
+def _is_tokens(doc: Any) -> bool:
+    """A pre-tokenized document: {"tokens": ids} (geb_jax.data.pretokenize), bos/eos included."""
+    return isinstance(doc, Mapping) and "tokens" in doc
+
+
+def _has_content(doc: Any) -> bool:
+    return len(doc["tokens"]) > 0 if _is_tokens(doc) else bool(_text_of(doc))
+
+
 def _materialize(source: Source) -> Source:
     """Grain datasets and sequences pass through; any other iterable (a generator) -> list."""
     if isinstance(source, (str, bytes)):
@@ -149,7 +158,7 @@ def _check_has_text(source: Source, name: str) -> None:
     docs = source if isinstance(source, Sequence) else list(source)
     if len(docs) == 0:
         raise ValueError(f"source {name!r} is empty: it has no documents")
-    if not any(_text_of(d) for d in docs):
+    if not any(_has_content(d) for d in docs):
         raise ValueError(f"source {name!r} has no text: all {len(docs)} documents are empty, "
                          f"so nothing is left after tokenization")
 
@@ -302,7 +311,9 @@ def pretrain_dataset(texts_source: Source, tokenizer: Tokenizer, *, seq_len: int
     """Packed next-token batches from documents (str or {"text": ...}); see the module doc.
 
     `texts_source`: a list/sequence (or iterable) of documents, a grain.MapDataset of them, or a
-    `mixture(...)`. Empty documents are skipped. drop_remainder=True drops a final partial batch
+    `mixture(...)`. A document may also be pre-tokenized, {"tokens": bos + ids + eos} (from
+    geb_jax.data.pretokenize): it is packed as is, and gives exactly the batches its text would.
+    Empty documents are skipped. drop_remainder=True drops a final partial batch
     of a finite stream (num_epochs set) so every batch has shape (batch_size, seq_len).
     """
     _check_common(seq_len, batch_size, seed, shard_index, shard_count, num_epochs)
@@ -313,11 +324,13 @@ def pretrain_dataset(texts_source: Source, tokenizer: Tokenizer, *, seq_len: int
     stats = stats if stats is not None else PipelineStats()
 
     def tokenize(doc):
-        ids = tokenizer.encode(_text_of(doc), add_bos=True, add_eos=True)
         stats.add("documents")
+        if _is_tokens(doc):
+            return {"tokens": np.asarray(doc["tokens"], dtype=np.int32)}
+        ids = tokenizer.encode(_text_of(doc), add_bos=True, add_eos=True)
         return {"tokens": np.asarray(ids, dtype=np.int32)}
 
-    ds = docs.filter(lambda doc: bool(_text_of(doc))).map(tokenize)
+    ds = docs.filter(_has_content).map(tokenize)
     ds = _JsonSafePack(_to_iter(ds, read_threads, read_buffer), seq_len + 1)
     ds = ds.map(lambda row: lm_example_from_row(row["tokens"], row["tokens_segment_ids"],
                                                 row["tokens_positions"]))

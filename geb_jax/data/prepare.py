@@ -7,6 +7,9 @@
 Input: with --input (repeatable; a glob or a path) local files are read: `.jsonl` / `.jsonl.gz`
 (one JSON object a line with a string "text" field; "lang" and "source" are kept when present)
 and `.txt` / `.txt.gz` (one document a file; its source is the file name, its lang is detected).
+Bad input - empty files, invalid UTF-8, records over data.max_record_bytes, lines that are not
+JSON objects with a string "text" - is skipped and counted in the report ("input_skipped"),
+never a crash mid-run; input with nothing usable is one error naming the files.
 Without --input, config.data.source decides; "builtin" reads the built-in corpus (--split
 train | valid | all, default train).
 
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
-import io
 import json
 import os
 import sys
@@ -34,6 +36,8 @@ from typing import Iterator, Sequence
 
 import ml_collections
 
+from geb_jax.data import bad_input as B
+from geb_jax.data.bad_input import SkipReport
 from geb_jax.model.config import ConfigError
 
 
@@ -61,33 +65,79 @@ def resolve_inputs(patterns: Sequence[str]) -> list[str]:
     return files
 
 
-def _open_text(path: str) -> io.TextIOBase:
+def _read_bytes(path: str) -> bytes:
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
 
 
-def read_files(paths: Sequence[str]) -> Iterator[dict]:
-    """Documents of local .jsonl[.gz] / .txt[.gz] files, in the given order."""
-    for path in paths:
-        if path.endswith((".txt", ".txt.gz")):
-            with _open_text(path) as f:
-                name = os.path.basename(path)
-                yield {"text": f.read(), "source": name.split(".")[0]}
+def _jsonl_documents(path: str, data: bytes, skipped: SkipReport, max_bytes: int
+                     ) -> Iterator[dict]:
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
             continue
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
-                if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                    raise PrepareError(f"{path}:{lineno}: expected a JSON object with a string "
-                                       f"'text' field.")
-                doc.setdefault("source", os.path.basename(path).split(".")[0])
-                yield doc
+        where = f"{path}:{lineno}"
+        if len(line) > max_bytes:
+            skipped.add(B.TOO_LARGE, where, f"{len(line):,} bytes")
+            continue
+        try:
+            doc = json.loads(line)
+        except UnicodeDecodeError:
+            skipped.add(B.INVALID_UTF8, where)
+            continue
+        except json.JSONDecodeError as e:
+            skipped.add(B.INVALID_JSON, where, e.msg)
+            continue
+        if not isinstance(doc, dict):
+            skipped.add(B.NOT_OBJECT, where)
+        elif "text" not in doc:
+            skipped.add(B.MISSING_FIELD, where)
+        elif not isinstance(doc["text"], str):
+            skipped.add(B.NOT_TEXT, where, type(doc["text"]).__name__)
+        else:
+            doc.setdefault("source", os.path.basename(path).split(".")[0])
+            yield doc
+
+
+def read_files(paths: Sequence[str], skipped: SkipReport | None = None,
+               max_record_bytes: int = B.DEFAULT_MAX_RECORD_BYTES) -> Iterator[dict]:
+    """Documents of local .jsonl[.gz] / .txt[.gz] files, in the given order.
+
+    Bad input (empty or unreadable files, invalid UTF-8, records over max_record_bytes, lines
+    that are not JSON objects with a string "text") is skipped and counted in `skipped`; if
+    nothing at all is usable, PrepareError names the files once the input is exhausted.
+    """
+    skipped = skipped if skipped is not None else SkipReport()
+    produced = 0
+    for path in paths:
+        try:
+            data = _read_bytes(path)
+        except (OSError, EOFError) as e:
+            skipped.add(B.UNREADABLE, path, str(e))
+            continue
+        if not data.strip():
+            skipped.add(B.EMPTY_FILE, path)
+            continue
+        if path.endswith((".txt", ".txt.gz")):
+            if len(data) > max_record_bytes:
+                skipped.add(B.TOO_LARGE, path, f"{len(data):,} bytes")
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skipped.add(B.INVALID_UTF8, path, f"byte {e.start}")
+                continue
+            produced += 1
+            yield {"text": text, "source": os.path.basename(path).split(".")[0]}
+            continue
+        for doc in _jsonl_documents(path, data, skipped, max_record_bytes):
+            produced += 1
+            yield doc
+    if not produced:
+        raise PrepareError(f"nothing usable in --input ({', '.join(paths[:3])}"
+                           f"{', ...' if len(paths) > 3 else ''}): {skipped.summary()}.")
 
 
 def builtin_input(split: str) -> Iterator[dict]:
@@ -204,9 +254,11 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
 
     from geb_jax.data.clean import clean
 
+    skipped = SkipReport()
     if inputs:
         paths = resolve_inputs(inputs)
-        documents, total = read_files(paths), None
+        max_bytes = config.data.get("max_record_bytes", B.DEFAULT_MAX_RECORD_BYTES)
+        documents, total = read_files(paths, skipped, max_bytes), None
     else:
         source = config.data.get("source", "builtin")
         if source != "builtin":
@@ -231,6 +283,7 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
         write_documents(os.path.join(output, "documents.jsonl.gz"), docs)
     finally:
         bar.close()
+    report.input_skipped = skipped.as_dict()
     _atomic_write(os.path.join(output, "report.json"),
                   lambda f: f.write(report.to_json().encode("utf-8") + b"\n"))
     _atomic_write(os.path.join(output, "report.md"),
@@ -248,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, PrepareError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(report.to_markdown())
     print(f"kept {report.documents_out:,} of {report.documents_in:,} documents "
           f"({report.bytes_out:,} of {report.bytes_in:,} bytes) -> "
           f"{os.path.join(args.output, 'documents.jsonl.gz')}; report: "

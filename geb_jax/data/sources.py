@@ -15,25 +15,19 @@ shard and checkpoint it by index; `pipeline.pretrain_dataset` accepts any of the
                                          pipeline.mixture); texts_source_from_config also
                                          applies the mixture.
 
-Local files (`local_documents`)
--------------------------------
-Files are indexed once, at construction; a document is then read from disk on each access:
-* .txt: one document per file (txt_unit="file", the file's exact text), or one per paragraph
-  (txt_unit="paragraph": maximal runs of non-blank lines; the text is the lines as written,
-  without the final line break). Index: byte offsets of the paragraphs.
-* .jsonl: one JSON object per non-blank line, the text in `field`. Index: byte offset, length
-  and line number of each record (24 bytes a document); a record is read with one seek.
-* .jsonl.gz: the same, but the file is decompressed into memory at construction and kept
-  there (gzip has no random access): the decompressed .jsonl.gz files must fit in memory. For
-  larger corpora decompress them, or convert them once with tfds_builder.build_local_tfds.
-* .parquet: the string column `field` (via pyarrow); a row is read by loading its row group's
-  column, and the last few row groups are cached. Reading in index order is cheap; a shuffled
-  pass over large Parquet files reads a whole row group per document - convert big ones with
-  build_local_tfds (array_record: true random access).
-validate=True (default) parses every record at construction, so malformed input fails before
-training starts (one pass over the data); validate=False only indexes, and a bad record then
-fails when it is read. Either way the error names the file and line (JSONL), row (Parquet) or
-the available columns.
+    pretokenized_documents(path, split, tokenizer)   token ids written by
+                                         geb_jax.data.pretokenize (array_record), checked
+                                         against the run's tokenizer (data.source="pretokenized")
+
+Local files (`local_documents`): see geb_jax/data/local_files.py for the formats, the index,
+memory limits and bad input. In short: malformed records (empty files, invalid UTF-8, records
+over data.max_record_bytes, JSON lines without the text field or with a non-string one, Parquet
+files whose column is missing or not text, nulls) are skipped and counted in
+`LocalSource.skipped` (logged once when the source is built), never raised mid-run; a source
+with nothing usable is one SourceError naming its files; data.bad_records="error" raises at the
+first bad record instead. .jsonl.gz files are decompressed into memory, and a shuffled pass
+over big Parquet files reads a whole row group per document: convert large corpora once with
+tfds_builder.build_local_tfds or pre-tokenize them (geb_jax.data.pretokenize).
 
 Train / validation for local files: a separate glob (`valid_path`), or a deterministic split
 by a hash of the text (`split_of`, like the built-in corpus: identical texts always land in the
@@ -42,32 +36,28 @@ built from files has the same train/validation documents as the "local" source o
 """
 from __future__ import annotations
 
-import collections
-import glob
-import gzip
 import hashlib
-import io
 import json
 import os
 import re
-import threading
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import grain
 import numpy as np
 
-SOURCES = ("builtin", "local", "tfds", "mixture")
+from geb_jax.data.bad_input import DEFAULT_MAX_RECORD_BYTES, SkipReport, SourceError
+from geb_jax.data.local_files import BAD_RECORDS, SUFFIXES, TXT_UNITS, LocalSource
+
+SOURCES = ("builtin", "local", "tfds", "pretokenized", "mixture")
 SPLITS = ("train", "valid")
-TXT_UNITS = ("file", "paragraph")
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
-PARQUET_CACHE_ROW_GROUPS = 4  # decoded row groups kept per Parquet file
 
 # The config.data fields this module reads, with their defaults (see geb_jax/config_base.py).
 # A missing field falls back to its default here; entries of `mixture` take the same keys
 # (except source="mixture") plus "weight" (required) and "name" (optional).
 DATA_DEFAULTS: dict[str, Any] = dict(
-    source="builtin",          # builtin | local | tfds | mixture
-    path="",                   # local: glob of .txt / .jsonl / .jsonl.gz / .parquet files
+    source="builtin",          # builtin | local | tfds | pretokenized | mixture
+    path="",                   # local: glob of .txt / .jsonl / .jsonl.gz / .parquet files;
+                               # pretokenized: the folder geb_jax.data.pretokenize wrote
     valid_path="",             # local: glob of the validation files; "" = hash split of path
     valid_fraction=0.05,       # local without valid_path: share of documents held out
     field="text",              # local / tfds: the field (JSON key, column, feature) of the text
@@ -75,6 +65,8 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     lang="",                   # builtin: keep only this language ("en", "zh", "code",
                                # comma-separated); local / tfds: tag documents with it
     validate=True,             # local: parse every record when the source is built
+    bad_records="skip",        # local: "skip" (count) or "error" on a malformed record
+    max_record_bytes=DEFAULT_MAX_RECORD_BYTES,  # local: larger records are skipped
     tfds_name="",              # tfds: name[/config][:version], e.g. "geb_local_text"
     tfds_data_dir="",          # tfds: the folder it was prepared in ("" = $TFDS_DATA_DIR or
                                # ~/tensorflow_datasets)
@@ -85,8 +77,6 @@ DATA_DEFAULTS: dict[str, Any] = dict(
 _ENTRY_KEYS = (set(DATA_DEFAULTS) - {"mixture"}) | {"weight", "name"}
 
 
-class SourceError(ValueError):
-    """A source is misconfigured or its data is malformed (the message says where)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -106,321 +96,24 @@ def split_of(text: str, valid_fraction: float) -> str:
     return "valid" if text_hash(text) < valid_fraction * 2.0**64 else "train"
 
 
+def local_source(dataset: grain.MapDataset) -> LocalSource | None:
+    """The LocalSource under a dataset from local_documents (for its `skipped` report)."""
+    while dataset is not None:
+        source = getattr(dataset, "_source", None)
+        if isinstance(source, _Subset):
+            source = source.source
+        if isinstance(source, LocalSource):
+            return source
+        parents = getattr(dataset, "parents", ())
+        dataset = parents[0] if parents else None
+    return None
+
+
 def _decode(data: bytes, where: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SourceError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-
-
-def _kind(path: str) -> str:
-    lower = path.lower()
-    for suffix in (".jsonl.gz", ".jsonl", ".txt", ".parquet"):
-        if lower.endswith(suffix):
-            return suffix
-    raise SourceError(f"{path}: unsupported file type; local sources read "
-                      f"{', '.join(SUFFIXES)} files")
-
-
-def _expand(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Sorted files matching a glob (or each of several globs), `**` allowed; no dirs."""
-    patterns = ([pattern] if isinstance(pattern, (str, os.PathLike)) else list(pattern))
-    if not patterns:
-        raise SourceError("no file pattern given (an empty list)")
-    files: dict[str, None] = {}
-    for p in patterns:
-        p = os.path.expanduser(os.fspath(p))
-        if not p:
-            raise SourceError("the file pattern is empty: set it to a glob such as "
-                              "'data/*.jsonl'")
-        matches = glob.glob(p, recursive=True)
-        found = sorted(m for m in matches if os.path.isfile(m))
-        if not found:
-            hint = (" (it names only directories: add a file glob, e.g. "
-                    f"{os.path.join(p, '*.jsonl')!r})" if matches else "")
-            raise FileNotFoundError(f"no files match the pattern {p!r}{hint}")
-        files.update(dict.fromkeys(found))
-    return list(files)
-
-
-# ----------------------------------------------------------------------------- local files
-class _TxtFile:
-    """A .txt file read as one document."""
-
-    def __init__(self, path: str, validate: bool):
-        self.path = path
-        self.count = 1
-        if validate:
-            self.read(0)
-
-    def read(self, k: int) -> tuple[str, str]:
-        with open(self.path, "rb") as f:
-            return _decode(f.read(), self.path), self.path
-
-
-class _LineIndexed:
-    """Byte ranges (start, end) and first line numbers of the records of a file."""
-
-    path: str
-    starts: np.ndarray
-    ends: np.ndarray
-    lines: np.ndarray
-    _buffer: bytes | None = None
-
-    def _set_index(self, starts, ends, lines) -> None:
-        self.starts = np.asarray(starts, np.int64)
-        self.ends = np.asarray(ends, np.int64)
-        self.lines = np.asarray(lines, np.int64)
-        self.count = len(self.starts)
-
-    def _bytes(self, k: int) -> bytes:
-        start, end = int(self.starts[k]), int(self.ends[k])
-        buf = self._memory()
-        if buf is not None:
-            return buf[start:end]
-        with open(self.path, "rb") as f:  # opened per read: thread-safe, no fd kept open
-            f.seek(start)
-            return f.read(end - start)
-
-    def _memory(self) -> bytes | None:
-        return None
-
-    def where(self, k: int) -> str:
-        return f"{self.path}:{int(self.lines[k])}"
-
-
-class _ParagraphFile(_LineIndexed):
-    """A .txt file read as blank-line separated paragraphs."""
-
-    def __init__(self, path: str, validate: bool):
-        self.path = path
-        spans = []  # (start byte, end byte, first line number) of each paragraph
-        offset, start, end, first = 0, None, 0, 0
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    if start is None:
-                        start, first = offset, lineno
-                    end = offset + len(line.rstrip(b"\r\n"))
-                elif start is not None:
-                    spans.append((start, end, first))
-                    start = None
-                offset += len(line)
-        if start is not None:
-            spans.append((start, end, first))
-        self._set_index(*(zip(*spans) if spans else ((), (), ())))
-        if validate:
-            for k in range(self.count):
-                self.read(k)
-
-    def read(self, k: int) -> tuple[str, str]:
-        where = self.where(k)
-        return _decode(self._bytes(k), where), where
-
-
-class _JsonlFile(_LineIndexed):
-    """A .jsonl (or .jsonl.gz, decompressed into memory) file, one JSON object a line."""
-
-    def __init__(self, path: str, field: str, validate: bool):
-        self.path, self.field = path, field
-        self.gz = path.lower().endswith(".gz")
-        self._lock = threading.Lock()
-        starts, ends, lines = [], [], []
-        offset = 0
-        with self._open() as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    starts.append(offset)
-                    ends.append(offset + len(line.rstrip(b"\r\n")))
-                    lines.append(lineno)
-                    if validate:
-                        self._parse(line, lineno)
-                offset += len(line)
-        self._set_index(starts, ends, lines)
-
-    def _open(self):
-        if not self.gz:
-            return open(self.path, "rb")
-        self._buffer = self._decompress()
-        return io.BytesIO(self._buffer)
-
-    def _decompress(self) -> bytes:
-        try:
-            with gzip.open(self.path, "rb") as f:
-                return f.read()
-        except (OSError, EOFError) as e:
-            raise SourceError(f"{self.path}: not a readable gzip file ({e})") from None
-
-    def _memory(self) -> bytes | None:
-        if not self.gz:
-            return None
-        with self._lock:
-            if self._buffer is None:  # after unpickling: decompress again, once
-                self._buffer = self._decompress()
-            return self._buffer
-
-    def _parse(self, line: bytes, lineno: int) -> str:
-        where = f"{self.path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except UnicodeDecodeError as e:
-            raise SourceError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") \
-                from None
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise SourceError(f"{where}: expected a JSON object with a {self.field!r} field, "
-                              f"got a {type(obj).__name__}")
-        if self.field not in obj:
-            raise SourceError(f"{where}: the JSON object has no field {self.field!r} "
-                              f"(its fields: {', '.join(map(repr, obj)) or 'none'})")
-        text = obj[self.field]
-        if not isinstance(text, str):
-            raise SourceError(f"{where}: field {self.field!r} is a {type(text).__name__}, "
-                              f"not a string")
-        return text
-
-    def read(self, k: int) -> tuple[str, str]:
-        lineno = int(self.lines[k])
-        return self._parse(self._bytes(k), lineno), f"{self.path}:{lineno}"
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_lock"] = None
-        if self.gz:
-            state["_buffer"] = None  # re-decompressed lazily where it is unpickled
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-
-class _ParquetFile:
-    """A Parquet file's string column `field`, one document a row."""
-
-    def __init__(self, path: str, field: str, validate: bool):
-        pq = _pyarrow_parquet()
-        self.path, self.field = path, field
-        try:
-            meta = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) and others
-            raise SourceError(f"{path}: not a readable Parquet file ({e})") from None
-        schema = meta.schema_arrow
-        if field not in schema.names:
-            raise SourceError(f"{path}: Parquet file has no column {field!r} (its columns: "
-                              f"{', '.join(map(repr, schema.names)) or 'none'})")
-        import pyarrow as pa
-        kind = schema.field(field).type
-        string_types = (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                        or getattr(pa.types, "is_string_view", lambda t: False)(kind))
-        if not string_types:
-            raise SourceError(f"{path}: column {field!r} has type {kind}, not a string type")
-        sizes = [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        self.offsets = np.cumsum([0] + sizes).astype(np.int64)
-        self.count = int(self.offsets[-1])
-        self._lock = threading.Lock()
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        if validate:
-            for g in range(len(sizes)):
-                column = self._row_group(g)
-                if column.null_count:
-                    row = int(self.offsets[g]) + int(np.flatnonzero(
-                        np.asarray(column.is_null()))[0])
-                    raise SourceError(f"{path}: row {row}: column {field!r} is null")
-
-    def _row_group(self, g: int):
-        with self._lock:
-            if g in self._cache:
-                self._cache.move_to_end(g)
-                return self._cache[g]
-            pq = _pyarrow_parquet()
-            column = pq.ParquetFile(self.path).read_row_group(g, columns=[self.field])
-            column = column.column(0).combine_chunks()
-            self._cache[g] = column
-            while len(self._cache) > PARQUET_CACHE_ROW_GROUPS:
-                self._cache.popitem(last=False)
-            return column
-
-    def read(self, k: int) -> tuple[str, str]:
-        g = int(np.searchsorted(self.offsets, k, side="right")) - 1
-        value = self._row_group(g)[k - int(self.offsets[g])].as_py()
-        where = f"{self.path}:row {k}"
-        if value is None:
-            raise SourceError(f"{self.path}: row {k}: column {self.field!r} is null")
-        return value, where
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_lock"], state["_cache"] = None, None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._cache = collections.OrderedDict()
-
-
-def _pyarrow_parquet():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:  # pragma: no cover - pyarrow is a dependency
-        raise ImportError("reading .parquet files needs pyarrow (pip install pyarrow)") from e
-    return pq
-
-
-class LocalSource:
-    """Random-access documents of local files (see the module docstring); picklable.
-
-    Usually used through `local_documents`, which wraps it in a grain.MapDataset.
-    """
-
-    def __init__(self, pattern: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 field: str = "text", lang: str | None = None, txt_unit: str = "file",
-                 validate: bool = True):
-        if txt_unit not in TXT_UNITS:
-            raise SourceError(f"txt_unit must be one of {TXT_UNITS}, got {txt_unit!r}")
-        if not isinstance(field, str) or not field:
-            raise SourceError(f"field must be a non-empty string, got {field!r}")
-        self.pattern, self.field, self.lang, self.txt_unit = pattern, field, lang or None, \
-            txt_unit
-        self.paths = _expand(pattern)
-        self.files = []
-        for path in self.paths:
-            kind = _kind(path)
-            if kind == ".txt":
-                f = (_TxtFile(path, validate) if txt_unit == "file"
-                     else _ParagraphFile(path, validate))
-            elif kind == ".parquet":
-                f = _ParquetFile(path, field, validate)
-            else:
-                f = _JsonlFile(path, field, validate)
-            self.files.append(f)
-        self.offsets = np.cumsum([0] + [f.count for f in self.files]).astype(np.int64)
-        if self.offsets[-1] == 0:
-            raise SourceError(f"the {len(self.paths)} file(s) matching {pattern!r} hold no "
-                              f"documents")
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitem__(self, index: int) -> dict:
-        n = len(self)
-        index = int(index)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"document index {index} out of range for {n} documents")
-        i = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        text, where = self.files[i].read(index - int(self.offsets[i]))
-        doc = {"text": text, "source": where}
-        if self.lang:
-            doc["lang"] = self.lang
-        return doc
-
-    def __repr__(self) -> str:
-        return (f"LocalSource(pattern={self.pattern!r}, files={len(self.paths)}, "
-                f"documents={len(self)})")
 
 
 class _Subset:
@@ -449,15 +142,18 @@ def hash_split_indices(source, valid_fraction: float) -> dict[str, np.ndarray]:
 
 def local_documents(pattern: str | os.PathLike | Sequence[str | os.PathLike], *,
                     field: str = "text", lang: str | None = None, txt_unit: str = "file",
-                    validate: bool = True) -> grain.MapDataset:
+                    validate: bool = True, bad_records: str = "skip",
+                    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> grain.MapDataset:
     """Documents of the files matching `pattern` (sorted), in file order then record order.
 
     Elements: {"text": str, "source": "path:line" (JSONL, paragraphs), "path:row N" (Parquet)
     or "path" (whole .txt)} plus {"lang": lang} when `lang` is given (a tag for all of them).
-    See the module docstring for the formats, the index and the memory limits.
+    Bad records are skipped and counted (local_files.py); the LocalSource behind the dataset,
+    with its `skipped` report, is `local_source(ds)`.
     """
-    return grain.MapDataset.source(LocalSource(pattern, field=field, lang=lang,
-                                               txt_unit=txt_unit, validate=validate))
+    return grain.MapDataset.source(LocalSource(
+        pattern, field=field, lang=lang, txt_unit=txt_unit, validate=validate,
+        bad_records=bad_records, max_record_bytes=max_record_bytes))
 
 
 # ----------------------------------------------------------------------------- builtin
@@ -626,7 +322,9 @@ def _local_from_config(config: Any, split: str, what: str) -> grain.MapDataset:
         raise SourceError(f"{what}.path is empty: set it to a glob of .txt / .jsonl / "
                           f".jsonl.gz / .parquet files, e.g. 'data/*.jsonl'")
     common = dict(field=_get(config, "field"), lang=_get(config, "lang") or None,
-                  txt_unit=_get(config, "txt_unit"), validate=bool(_get(config, "validate")))
+                  txt_unit=_get(config, "txt_unit"), validate=bool(_get(config, "validate")),
+                  bad_records=_get(config, "bad_records"),
+                  max_record_bytes=_get(config, "max_record_bytes"))
     if valid_path:  # separate validation files: each split is all of its files
         return local_documents(valid_path if split == "valid" else path, **common)
     valid_fraction = _check_fraction(_get(config, "valid_fraction"))
@@ -644,8 +342,19 @@ def _local_from_config(config: Any, split: str, what: str) -> grain.MapDataset:
     return grain.MapDataset.source(_Subset(source, indices, f"{path}:{split}"))
 
 
-def _single_from_config(config: Any, split: str, what: str) -> grain.MapDataset:
+def _single_from_config(config: Any, split: str, what: str, tokenizer=None
+                        ) -> grain.MapDataset:
     source = _get(config, "source")
+    if source == "pretokenized":
+        from geb_jax.data.pretokenize import pretokenized_documents
+        if not _get(config, "path"):
+            raise SourceError(f"{what}.path is empty: set it to the folder written by "
+                              f"python -m geb_jax.data.pretokenize")
+        if tokenizer is None:
+            raise SourceError(f"{what}.source is 'pretokenized': pass the run's tokenizer "
+                              f"(texts_source_from_config(..., tokenizer=tok)) so its hash can "
+                              f"be checked against the ids on disk")
+        return pretokenized_documents(_get(config, "path"), split, tokenizer)
     if source == "builtin":
         return builtin_source(split, _get(config, "lang") or None)
     if source == "local":
@@ -665,8 +374,11 @@ def _single_from_config(config: Any, split: str, what: str) -> grain.MapDataset:
     raise SourceError(f"unknown {what}.source {source!r}; expected one of {SOURCES}")
 
 
-def documents_from_config(data_config: Any, split: str) -> grain.MapDataset | Mixture:
+def documents_from_config(data_config: Any, split: str, tokenizer=None
+                          ) -> grain.MapDataset | Mixture:
     """The documents of `split` ("train" / "valid") that config.data describes.
+
+    `tokenizer` (the run's) is needed for pre-tokenized sources: their ids must come from it.
 
     Returns a MapDataset for source builtin / local / tfds, and a `Mixture` (datasets and
     weights for pipeline.mixture) for source "mixture". Fields: DATA_DEFAULTS.
@@ -676,7 +388,7 @@ def documents_from_config(data_config: Any, split: str) -> grain.MapDataset | Mi
     if source not in SOURCES:
         raise SourceError(f"unknown data.source {source!r}; expected one of {SOURCES}")
     if source != "mixture":
-        return _single_from_config(data_config, split, "data")
+        return _single_from_config(data_config, split, "data", tokenizer)
     entries = list(_get(data_config, "mixture") or ())
     if not entries:
         raise SourceError("data.source is 'mixture' but data.mixture is empty: give a list "
@@ -698,14 +410,19 @@ def documents_from_config(data_config: Any, split: str) -> grain.MapDataset | Mi
         name = str(entry.get("name") or f"{i}_{entry['source']}")
         if name in datasets:
             raise SourceError(f"{what}: duplicate mixture name {name!r}")
-        datasets[name] = _single_from_config(entry, split, what)
+        datasets[name] = _single_from_config(entry, split, what, tokenizer)
         weights[name] = float(weight)
     return Mixture(datasets, weights)
 
 
-def texts_source_from_config(data_config: Any, split: str, *, seed: int) -> grain.MapDataset:
-    """documents_from_config, with a Mixture turned into pipeline.mixture(..., seed)."""
-    docs = documents_from_config(data_config, split)
+def texts_source_from_config(data_config: Any, split: str, *, seed: int,
+                             tokenizer=None) -> grain.MapDataset:
+    """documents_from_config, with a Mixture turned into pipeline.mixture(..., seed).
+
+    Elements are documents {"text": ...}, or {"tokens": int32 ids} from pre-tokenized sources
+    (pipeline.pretrain_dataset takes both).
+    """
+    docs = documents_from_config(data_config, split, tokenizer)
     if isinstance(docs, Mixture):
         from geb_jax.data import pipeline
         return pipeline.mixture(docs.datasets, docs.weights, seed)
@@ -713,7 +430,8 @@ def texts_source_from_config(data_config: Any, split: str, *, seed: int) -> grai
 
 
 __all__ = [
-    "SOURCES", "SPLITS", "TXT_UNITS", "DATA_DEFAULTS", "SourceError", "LocalSource",
+    "SOURCES", "SPLITS", "TXT_UNITS", "SUFFIXES", "BAD_RECORDS", "DATA_DEFAULTS",
+    "SourceError", "SkipReport", "LocalSource", "local_source",
     "Mixture", "local_documents", "builtin_source", "tfds_documents", "find_prepared_tfds",
     "documents_from_config", "texts_source_from_config", "split_of", "text_hash",
     "hash_split_indices", "default_tfds_data_dir",

@@ -33,8 +33,8 @@ from typing import Sequence
 import tensorflow_datasets as tfds
 from etils import epath
 
-from geb_jax.data.sources import (LocalSource, SourceError, _check_fraction, _expand,
-                                  hash_split_indices)
+from geb_jax.data.local_files import expand as _expand
+from geb_jax.data.sources import LocalSource, SourceError, _check_fraction, hash_split_indices
 
 log = logging.getLogger(__name__)
 

@@ -407,3 +407,67 @@ def builtin_tokenizer(vocab_size: int = GEB_VOCAB_SIZE, cache_dir: str | None = 
     if verbose:
         print(f"trained {tok} in {time.perf_counter() - start:.1f}s")
     return tok
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """sha256 (hex) of the serialized SentencePiece model: equal iff the ids are the same.
+
+    Pre-tokenized data records it, so training refuses ids made by another tokenizer.
+    """
+    return hashlib.sha256(tokenizer._sp.serialized_model_proto()).hexdigest()
+
+
+def chars_per_token_report(tokenizer: Tokenizer, split: str = "valid",
+                           langs: Sequence[str] = ("en", "zh", "code")) -> dict[str, dict]:
+    """{lang: {"documents", "characters", "tokens", "chars_per_token"}} on a built-in split.
+
+    Held-out ("valid") by default: the tokenizer was trained on "train". No bos/eos counted.
+    """
+    from geb_jax.data.corpus import builtin_texts
+
+    report = {}
+    for lang in langs:
+        texts = list(builtin_texts(split, lang))
+        n_chars = sum(len(t) for t in texts)
+        n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts))
+        report[lang] = {"documents": len(texts), "characters": n_chars, "tokens": n_tokens,
+                        "chars_per_token": n_chars / n_tokens if n_tokens else float("nan")}
+    return report
+
+
+def format_chars_per_token(report: dict[str, dict], tokenizer: Tokenizer, split: str) -> str:
+    lines = [f"characters per token, built-in {split!r} split, {tokenizer!r}",
+             "| lang | documents | characters | tokens | chars/token |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for lang, r in report.items():
+        lines.append(f"| {lang} | {r['documents']:,} | {r['characters']:,} | {r['tokens']:,} "
+                     f"| {r['chars_per_token']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m geb_jax.data.tokenizer --report [--vocab N | --model FILE] [--split S]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m geb_jax.data.tokenizer",
+                                     description="Tokenizer utilities.")
+    parser.add_argument("--report", action="store_true",
+                        help="print characters per token on the built-in corpus per language")
+    parser.add_argument("--vocab", type=int, default=GEB_VOCAB_SIZE,
+                        help="vocabulary of the built-in tokenizer (trained and cached if new)")
+    parser.add_argument("--model", default="", help="a tokenizer .model file instead")
+    parser.add_argument("--split", default="valid", choices=("train", "valid"))
+    args = parser.parse_args(argv)
+    if not args.report:
+        parser.error("nothing to do: pass --report")
+    try:
+        tok = Tokenizer.load(args.model) if args.model else builtin_tokenizer(args.vocab)
+    except (OSError, TokenizerError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    print(format_chars_per_token(chars_per_token_report(tok, args.split), tok, args.split))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,7 +38,8 @@ def _dataset(config, stage: str, tokenizer: Tokenizer, split: str, seed: int):
                   batch_size=config.train.batch_size // jax.process_count(), seed=seed,
                   shard_index=jax.process_index(), shard_count=jax.process_count())
     if stage == "pretrain":
-        texts = sources.texts_source_from_config(config.data, split, seed=seed)
+        texts = sources.texts_source_from_config(config.data, split, seed=seed,
+                                                 tokenizer=tokenizer)
         return pipeline.pretrain_dataset(texts, tokenizer, **common)
     if stage == "sft":
         return pipeline.sft_dataset(pipeline.builtin_sft_conversations(split), tokenizer,

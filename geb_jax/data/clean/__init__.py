@@ -4,6 +4,7 @@ perplexity and dedup filters, run by `clean(documents, config) -> (kept document
 Modules: rules (HTML, garbled text, PII, incomplete lines, spam words), quality (Gopher and C4
 English heuristics), code (GitHub-file heuristics, licence headers), lang (zh/en/code
 identification), perplexity (scorer protocol, n-gram fallback, percentile/threshold filter),
+model_scorer (bits per byte from a model trained with geb_jax: perplexity_model="model:<path>"),
 dedup (repeated sentences, repeated paragraphs, MinHash-LSH near duplicates), chain (config,
 runner, report). `python -m geb_jax.data.prepare` runs it from the command line. docs/data.md,
 section "Cleaning", documents every rule and its defaults.

@@ -39,11 +39,11 @@ from geb_jax.data.clean import code as code_filters
 from geb_jax.data.clean import dedup, lang, quality, rules
 from geb_jax.data.clean._text import nbytes
 from geb_jax.data.clean.perplexity import (PerplexityFilter, PerplexityScorer,
-                                           builtin_ngram_scorer)
+                                           builtin_ngram_scorer, scorer_from_callable)
 from geb_jax.model.config import ConfigError
 
 KNOWN_LANGS = ("en", "zh", "code", "other")
-PERPLEXITY_MODELS = ("ngram",)
+PERPLEXITY_MODELS = ("ngram", "model:<path>")  # model: a finished stage or an exported model
 C4_CURLY_BRACES = ("code", "any", "off")
 
 
@@ -106,7 +106,8 @@ class CleaningConfig:
     near_dedup_ngram: int = 5
     # perplexity (perplexity.py)
     perplexity: bool = True
-    perplexity_model: str = "ngram"  # character 3-gram trained on the built-in train split
+    perplexity_model: str = "ngram"  # "ngram": character 3-gram on the built-in train split;
+    # "model:<path>": a model trained with geb_jax (workdir/<stage> or an exported folder)
     perplexity_max_bpb_en: float = 6.0
     perplexity_max_bpb_zh: float = 6.0
     perplexity_max_bpb_code: float = 6.0
@@ -143,7 +144,8 @@ class CleaningConfig:
         if self.c4_curly_braces not in C4_CURLY_BRACES:
             raise CleaningConfigError(f"data.clean.c4_curly_braces={self.c4_curly_braces!r}: "
                                       f"expected one of {', '.join(C4_CURLY_BRACES)}.")
-        if self.perplexity_model not in PERPLEXITY_MODELS:
+        if self.perplexity_model != "ngram" and not (
+                self.perplexity_model.startswith("model:") and self.perplexity_model[6:]):
             raise CleaningConfigError(
                 f"data.clean.perplexity_model={self.perplexity_model!r}: expected one of "
                 f"{', '.join(PERPLEXITY_MODELS)} (or pass scorer= to clean()).")
@@ -184,6 +186,17 @@ def default_cleaning_config() -> dict:
 
 
 # ------------------------------------------------------------------------------- steps
+
+def perplexity_scorer(spec: str) -> PerplexityScorer:
+    """data.clean.perplexity_model -> a scorer: "ngram" or "model:<stage or export folder>"."""
+    if spec == "ngram":
+        return builtin_ngram_scorer()
+    from geb_jax.data.clean.model_scorer import ModelScorerError, load_model_scorer
+    try:
+        return scorer_from_callable(load_model_scorer(spec[len("model:"):]))
+    except (ModelScorerError, OSError) as e:
+        raise CleaningConfigError(f"data.clean.perplexity_model={spec!r}: {e}") from e
+
 
 Outcome = tuple[dict, "dict | None"]
 
@@ -262,7 +275,7 @@ def build_steps(config: CleaningConfig, scorer: PerplexityScorer | None = None) 
         ngram=c.near_dedup_ngram))
     if c.perplexity:
         if scorer is None:
-            scorer = builtin_ngram_scorer()
+            scorer = perplexity_scorer(c.perplexity_model)
         steps.append(BatchStep("perplexity", PerplexityFilter(
             scorer, max_bpb={"en": c.perplexity_max_bpb_en, "zh": c.perplexity_max_bpb_zh,
                              "code": c.perplexity_max_bpb_code},
@@ -295,6 +308,9 @@ class Report:
     lang_in: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # [docs, bytes]
     lang_out: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     finished: bool = False
+    # bad input records the reader skipped before the chain: {"skipped": {reason: n},
+    # "examples": [...]} (bad_input.SkipReport.as_dict(); set by prepare)
+    input_skipped: dict = dataclasses.field(default_factory=dict)
 
     def _count(self, name: str, doc_lang: str, attr: str, n_bytes: int) -> None:
         for counts in (self.filters[name],
@@ -339,6 +355,7 @@ class Report:
                         for lg, per in sorted(self.by_lang.items())},
             "lang_in": dict(sorted(self.lang_in.items())),
             "lang_out": dict(sorted(self.lang_out.items())),
+            "input_skipped": self.input_skipped,
         }
 
     def to_json(self) -> str:
@@ -355,7 +372,13 @@ class Report:
             f"Documents: {self.documents_in:,} in, {self.documents_out:,} out "
             f"({pct(self.documents_out, self.documents_in)} kept). "
             f"Bytes (UTF-8): {self.bytes_in:,} in, {self.bytes_out:,} out "
-            f"({pct(self.bytes_out, self.bytes_in)} kept).", "",
+            f"({pct(self.bytes_out, self.bytes_in)} kept).", ""]
+        skipped = self.input_skipped.get("skipped") or {}
+        if skipped:
+            lines += ["Bad input skipped before the chain: " + ", ".join(
+                f"{n:,} {reason}" for reason, n in skipped.items()) + " (e.g. "
+                + "; ".join(self.input_skipped.get("examples", [])[:3]) + ").", ""]
+        lines += [
             "Percentages are of the chain's input (documents / bytes).", "",
             "| step | dropped docs | % docs | dropped bytes | % bytes | edited docs "
             "| bytes removed by edits | % bytes |",

@@ -1,0 +1,206 @@
+"""Perplexity from a language model trained with this codebase: the chain's "model:<path>".
+
+    scorer = load_model_scorer("runs/tiny/pretrain")   # a finished stage (JAX, orbax checkpoint)
+    scorer = load_model_scorer("runs/tiny/export")     # or an exported numpy model folder
+    docs, report = clean(documents, cfg, scorer=scorer_from_callable(scorer))
+    # or in the config: data.clean.perplexity_model = "model:runs/tiny/pretrain"
+
+A document's score is the model's summed token negative log-likelihood, in bits, divided by
+its UTF-8 bytes (bits per byte: comparable across tokenizers, and what PerplexityFilter's
+ceilings are in). Scoring: ids = bos + encode(text); the targets ids[1:] are cut into windows
+of at most max_len tokens, each window a separate row whose first input is the token before
+it (bos for the first) with positions restarting at 0, so a document longer than the model's
+context is scored in context-limited pieces (the usual sliding-window-free approximation).
+Rows are batched in fixed shapes (batch_size, max_len), so the JAX function compiles once.
+
+Backends: `jax_row_nll` (parameters of a training checkpoint, on the default device) and
+`engine_row_nll` (geb_jax.infer's numpy engine, for exported models; no JAX needed). Both
+compute the same thing; tests/test_model_scorer.py checks them against a float64 numpy model.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from geb_jax.data.clean._text import nbytes
+
+# rows (list of (inputs ids, target ids), each of length <= max_len) -> nats per row
+RowNll = Callable[[Sequence[tuple[list[int], list[int]]]], np.ndarray]
+
+
+class ModelScorerError(ValueError):
+    """The model path is not a finished stage or an exported model (the message says why)."""
+
+
+def windows(ids: Sequence[int], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) rows of <= max_len tokens covering targets ids[1:] (ids has bos)."""
+    ids = [int(i) for i in ids]
+    rows = []
+    for k in range(0, len(ids) - 1, max_len):
+        n = min(max_len, len(ids) - 1 - k)
+        rows.append((ids[k:k + n], ids[k + 1:k + 1 + n]))
+    return rows
+
+
+class ModelScorer:
+    """texts -> bits per UTF-8 byte under a language model (a `PerplexityScorer`)."""
+
+    def __init__(self, row_nll: RowNll, tokenizer, max_len: int, name: str = "model"):
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.row_nll, self.tokenizer, self.max_len = row_nll, tokenizer, max_len
+        self.__name__ = name
+
+    def nll_nats(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts),) float64: the summed token NLL of each text, in nats."""
+        rows, owners = [], []
+        for i, ids in enumerate(self.tokenizer.encode_batch(list(texts), add_bos=True)):
+            for row in windows(ids, self.max_len):
+                rows.append(row)
+                owners.append(i)
+        total = np.zeros(len(texts), np.float64)
+        if rows:
+            np.add.at(total, np.asarray(owners), np.asarray(self.row_nll(rows), np.float64))
+        return total
+
+    def __call__(self, texts: Sequence[str]) -> list[float]:
+        nats = self.nll_nats(texts)
+        return [float(n / math.log(2) / max(nbytes(t), 1)) for n, t in zip(nats, texts)]
+
+
+# ----------------------------------------------------------------------------- backends
+@functools.lru_cache(maxsize=4)
+def _jitted_row_nll(model_config):
+    """jit((params, inputs, targets, mask) -> (B,) nats), one per config: compiled once."""
+    import jax
+    import jax.numpy as jnp
+
+    from geb_jax.model import make_apply
+
+    apply = make_apply(model_config)
+
+    @jax.jit
+    def nll_b(params, inputs_bt, targets_bt, mask_bt):
+        positions_bt = jnp.broadcast_to(jnp.arange(inputs_bt.shape[1], dtype=jnp.int32),
+                                        inputs_bt.shape)
+        logits_btv = apply(params, inputs_bt, positions_bt, mask_bt.astype(jnp.int32))
+        logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+        picked_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None], axis=-1)[..., 0]
+        return -jnp.sum(jnp.where(mask_bt, picked_bt, 0.0), axis=-1)  # (B,)
+
+    return nll_b
+
+
+def jax_row_nll(params, model_config, batch_size: int = 8) -> tuple[RowNll, int]:
+    """A RowNll running the JAX model on fixed (batch_size, max_seq_len) batches."""
+    nll_b = _jitted_row_nll(model_config)
+    t = model_config.max_seq_len
+
+    def row_nll(rows):
+        out = []
+        for start in range(0, len(rows), batch_size):
+            group = rows[start:start + batch_size]
+            inputs = np.zeros((batch_size, t), np.int32)
+            targets = np.zeros((batch_size, t), np.int32)
+            mask = np.zeros((batch_size, t), bool)
+            for b, (x, y) in enumerate(group):
+                inputs[b, :len(x)], targets[b, :len(y)], mask[b, :len(y)] = x, y, True
+            out.append(np.asarray(nll_b(params, inputs, targets, mask))[:len(group)])
+        return np.concatenate(out)
+
+    return row_nll, t
+
+
+def engine_row_nll(weights, batch_size: int = 8) -> tuple[RowNll, int]:
+    """A RowNll on geb_jax.infer's numpy engine: Engine.score(prompt=[first], targets)."""
+    from geb_jax.infer import Engine
+
+    engine = Engine(weights)
+
+    def row_nll(rows):
+        scored = engine.score([[x[0]] for x, _ in rows], [y for _, y in rows],
+                              batch_size=batch_size)
+        return np.asarray([-logprob for logprob, _ in scored], np.float64)
+
+    return row_nll, engine.max_len
+
+
+# ----------------------------------------------------------------------------- loading
+def _stage_config(checkpoints: str) -> dict:
+    """The run config saved with the newest committed checkpoint (orbax's JSON item)."""
+    import orbax.checkpoint as ocp
+
+    from geb_jax.checkpoint.manager import CONFIG_ITEM
+
+    manager = ocp.CheckpointManager(checkpoints, item_names=(CONFIG_ITEM,))
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise ModelScorerError(f"{checkpoints} holds no committed checkpoint: finish the "
+                                   f"stage first")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{CONFIG_ITEM: ocp.args.JsonRestore()}))
+    finally:
+        manager.close()
+    config = restored[CONFIG_ITEM]
+    if not isinstance(config, dict) or "model" not in config or "optimizer" not in config:
+        raise ModelScorerError(f"{checkpoints}/{step}: its config item has no model/optimizer "
+                               f"section")
+    return config
+
+
+def load_stage(stage_dir: str):
+    """(params, ModelConfig, Tokenizer) of a finished stage: workdir/<stage>/checkpoints and
+    workdir/tokenizer.model."""
+    import jax
+
+    from geb_jax.data.tokenizer import Tokenizer
+    from geb_jax.model import ModelConfig
+    from geb_jax.train.inputs import load_params
+    from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from geb_jax.train.state import abstract_state
+
+    config = _stage_config(os.path.join(stage_dir, "checkpoints"))
+    model_config = ModelConfig.from_dict(config["model"])
+    optimizer = make_optimizer(OptimizerConfig.from_dict(config["optimizer"]))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                            abstract_state(model_config, optimizer))
+    params = load_params(stage_dir, abstract)
+    tokenizer_file = os.path.join(os.path.dirname(os.path.abspath(stage_dir)),
+                                  "tokenizer.model")
+    if not os.path.isfile(tokenizer_file):
+        raise ModelScorerError(f"{stage_dir}: no tokenizer.model in its workdir "
+                               f"({tokenizer_file}); the training run writes it there")
+    tokenizer = Tokenizer.load(tokenizer_file)
+    tokenizer.check_matches_model(model_config.vocab_size, allow_padding=True)
+    return params, model_config, tokenizer
+
+
+def load_model_scorer(path: str, batch_size: int = 8) -> ModelScorer:
+    """A ModelScorer for a finished stage directory or an exported numpy model folder."""
+    from geb_jax.infer.loading import WEIGHTS_NPZ
+
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        params, model_config, tokenizer = load_stage(path)
+        row_nll, max_len = jax_row_nll(params, model_config, batch_size)
+    elif os.path.isfile(os.path.join(path, WEIGHTS_NPZ)):
+        from geb_jax.infer import load_model
+        weights, tokenizer = load_model(path)
+        row_nll, max_len = engine_row_nll(weights, batch_size)
+    else:
+        stages = sorted(d for d in os.listdir(path) if os.path.isdir(
+            os.path.join(path, d, "checkpoints"))) if os.path.isdir(path) else []
+        hint = (f" (it is a workdir: name a stage, e.g. {os.path.join(path, stages[0])!r})"
+                if stages else "")
+        raise ModelScorerError(
+            f"perplexity model {path!r} is neither a finished training stage (a folder with "
+            f"checkpoints/, e.g. runs/tiny/pretrain) nor an exported model (a folder with "
+            f"{WEIGHTS_NPZ}){hint}")
+    return ModelScorer(row_nll, tokenizer, max_len, name=f"model:{path}")
+
