@@ -19,7 +19,7 @@ def get_sweep_meta():
         "title": "KV heads: MQA (1) / GQA (2) / MHA (6) (tiny, 150 steps)",
         "x": "model.n_kv_heads",
         "metric": "best_eval_loss",
-        "fixed": {"train.steps": 150, "optimizer.total_steps": 150,
+        "fixed": {"stages": "pretrain", "train.steps": 150, "optimizer.total_steps": 150,
                   "optimizer.warmup_steps": 15, "train.batch_size": 4, "train.seq_len": 128,
                   "train.log_every": 5, "eval.every": 25, "checkpoint.every": 50},
     }

@@ -26,7 +26,7 @@ def get_sweep_meta():
         "x": "train_flops",
         "metric": "final_eval_loss",
         "power_law": {"x": "train_flops", "y": "final_eval_loss", "extrapolate": 10.0},
-        "fixed": {"model.vocab_size": 1024, "model.head_dim": 32,
+        "fixed": {"stages": "pretrain", "model.vocab_size": 1024, "model.head_dim": 32,
                   "optimizer.warmup_steps": 10, "train.batch_size": 4, "train.seq_len": 128,
                   "train.log_every": 5, "eval.every": 30, "checkpoint.every": 60},
     }

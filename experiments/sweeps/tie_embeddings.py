@@ -17,7 +17,7 @@ def get_sweep_meta():
         "config": "configs/tiny.py",
         "title": "tied vs untied embeddings (tiny, 150 steps)",
         "metric": "best_eval_loss",
-        "fixed": {"train.steps": 150, "optimizer.total_steps": 150,
+        "fixed": {"stages": "pretrain", "train.steps": 150, "optimizer.total_steps": 150,
                   "optimizer.warmup_steps": 15, "train.batch_size": 4, "train.seq_len": 128,
                   "train.log_every": 5, "eval.every": 25, "checkpoint.every": 50},
     }
