@@ -1,6 +1,7 @@
 """Entry point: python -m geb_jax.main --config configs/tiny.py [--config.a.b=value ...]
 
-Runs the stages named in config.stages (e.g. "pretrain" or "pretrain,sft,dpo"), each starting
+With --config.mode=export, writes the numpy, ONNX, GGUF and HF files of a finished run
+(geb_jax/export/command.py). Otherwise runs the stages named in config.stages (e.g. "pretrain" or "pretrain,sft,dpo"), each starting
 from the previous stage's final parameters (the DPO reference is the SFT model). Running the
 same command again resumes every unfinished stage from its newest good checkpoint.
 Multi-host: the same command on every host plus --coordinator_address/--num_processes/
@@ -47,13 +48,24 @@ def main(argv):
     from geb_jax.checkpoint import CheckpointError  # heavy imports after flag parsing
     from geb_jax.data.sources import SourceError
     from geb_jax.data.tokenizer import TokenizerError
+    from geb_jax.export.command import export_stage
+    from geb_jax.export.gguf_export import GGUFExportError
+    from geb_jax.export.onnx_export import OnnxExportError
+    from geb_jax.infer import ModelFileError, WeightsError
     from geb_jax.parallel import distributed
     from geb_jax.train.stages import run_stages
     logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
     try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        run_stages(_CONFIG.value)
-    except (ConfigError, TokenizerError, CheckpointError, SourceError) as e:
+        if config.mode == "train":
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            run_stages(config)
+        elif config.mode == "export":
+            export_stage(config)
+        else:
+            raise ConfigError(f"config.mode={config.mode!r}: use train or export.")
+    except (ConfigError, TokenizerError, CheckpointError, SourceError, ModelFileError,
+            WeightsError, OnnxExportError, GGUFExportError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -4,6 +4,8 @@ Formats:
 * a directory with ``weights.npz`` (our parameter tree, flattened to "layers/attn/q" keys),
   ``config.json`` (the ModelConfig fields) and ``tokenizer.model`` (SentencePiece), written
   atomically by `save_npz_model`.
+* ``.gguf`` files (llama architecture, f32/f16/q8_0; infer/gguf_file.py), dequantized to
+  float32; the tokenizer is the SentencePiece model geb_jax embeds, or `tokenizer_path`.
 * ``.onnx`` files written by geb_jax.export.onnx_export (read by infer/onnx_file.py with the
   ``onnx`` package only; quantized MatMulNBits weights are dequantized to float32).
 """
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -100,6 +103,33 @@ def _load_npz_dir(path: str) -> tuple[Weights, str]:
     return Weights.from_params(params, config), os.path.join(path, TOKENIZER_MODEL)
 
 
+def _load_gguf(path: str, need_tokenizer: bool) -> tuple[Weights, str | None]:
+    """A llama GGUF -> Weights, plus the SentencePiece model geb_jax embeds in its GGUFs
+    (extracted once into the cache, named by its hash)."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+
+    from geb_jax.data.tokenizer import default_cache_dir  # pylint: disable=import-outside-toplevel
+    from geb_jax.infer.gguf_file import GGUFFileError, load_gguf  # pylint: disable=import-outside-toplevel
+    try:
+        model = load_gguf(path)
+    except GGUFFileError as e:
+        raise ModelFileError(str(e)) from None
+    if model.sentencepiece_model is None:
+        if need_tokenizer:
+            raise ModelFileError(f"{path} carries no SentencePiece model (not written by "
+                                 "geb_jax): pass tokenizer_path= (--tokenizer) as well.")
+        return model.weights, None
+    digest = hashlib.sha256(model.sentencepiece_model).hexdigest()[:24]
+    target = os.path.join(default_cache_dir(), "gguf-tokenizers", f"{digest}.model")
+    if not os.path.isfile(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=os.path.dirname(target))
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.sentencepiece_model)
+        os.replace(tmp, target)
+    return model.weights, target
+
+
 def load_model(path: str, quantize: str | None = None, quantize_embeddings: bool = False,
                tokenizer_path: str | None = None):
     """path -> (Weights, Tokenizer). The one place that knows the model file formats.
@@ -116,6 +146,8 @@ def load_model(path: str, quantize: str | None = None, quantize_embeddings: bool
     elif path.endswith(".onnx"):
         from geb_jax.infer import onnx_file  # pylint: disable=import-outside-toplevel
         weights, bundled_tokenizer = onnx_file.load_onnx_model(path)
+    elif path.endswith(".gguf"):
+        weights, bundled_tokenizer = _load_gguf(path, need_tokenizer=tokenizer_path is None)
     elif not os.path.exists(path):
         raise ModelFileError(f"model path not found: {path}")
     else:

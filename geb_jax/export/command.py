@@ -1,0 +1,92 @@
+"""`python -m geb_jax.main --config ... --config.mode=export`: every serving format from the final
+checkpoint of one stage, each written atomically and re-read/checked by its writer.
+
+    <workdir>/export/numpy/            weights.npz + config.json + tokenizer.model (numpy engine)
+    <workdir>/export/onnx/model.onnx   (+ model-int8.onnx, model-int4.onnx, tokenizer.model)
+    <workdir>/export/gguf/model-f16.gguf, model-q8_0.gguf   (llama.cpp, ollama)
+    <workdir>/export/hf/               config.json + model.safetensors + tokenizer.model
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import ml_collections
+
+from geb_jax.model.config import ConfigError, ModelConfig
+
+FORMATS = ("numpy", "onnx", "gguf", "hf")
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]:
+    """Writes the formats in config.export.formats; returns {what: path}."""
+    # Heavy imports on use: the trainer's modules are not needed to train.
+    from geb_jax.train import inputs  # pylint: disable=import-outside-toplevel
+    from geb_jax.train.loop import stage_dir  # pylint: disable=import-outside-toplevel
+    from geb_jax.train.stages import stage_config  # pylint: disable=import-outside-toplevel
+
+    formats = _split(config.export.formats)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if not formats or unknown:
+        raise ConfigError(f"config.export.formats={config.export.formats!r}: use a comma-"
+                          f"separated list of {', '.join(FORMATS)}.")
+    stage = config.export.stage or _split(config.stages)[-1]
+    stage_cfg = stage_config(config, stage)
+    model_config = ModelConfig.from_dict(stage_cfg.model)
+    tokenizer_path = os.path.join(config.workdir, "tokenizer.model")
+    if not os.path.isfile(tokenizer_path):
+        raise ConfigError(f"{tokenizer_path} not found: train the run first (config.workdir="
+                          f"{config.workdir!r}), then export.")
+    params = _final_params(stage_cfg, model_config, stage_dir(config, stage), inputs)
+    out = config.export.out or os.path.join(config.workdir, "export")
+    log(f"[export] {stage} stage of {config.workdir} -> {out}")
+    written: dict[str, str] = {}
+    if "numpy" in formats:
+        from geb_jax.infer.loading import save_npz_model  # pylint: disable=import-outside-toplevel
+        written["numpy"] = save_npz_model(os.path.join(out, "numpy"), params, model_config,
+                                          tokenizer_path, overwrite=True)
+    if "onnx" in formats:
+        from geb_jax.export.onnx_export import export_onnx  # pylint: disable=import-outside-toplevel
+        for quantize in _split(config.export.onnx_quantize) or ["none"]:
+            name = "model.onnx" if quantize == "none" else f"model-{quantize}.onnx"
+            written[f"onnx/{quantize}"] = export_onnx(
+                params, model_config, tokenizer_path, os.path.join(out, "onnx", name),
+                quantize=None if quantize == "none" else quantize, overwrite=True)
+    if "gguf" in formats:
+        from geb_jax.export.gguf_export import export_gguf  # pylint: disable=import-outside-toplevel
+        for dtype in _split(config.export.gguf_dtypes):
+            path = os.path.join(out, "gguf", f"model-{dtype}.gguf")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            written[f"gguf/{dtype}"] = export_gguf(params, model_config, tokenizer_path, path,
+                                                   dtype=dtype)
+    if "hf" in formats:
+        from geb_jax.export.hf import save_hf_checkpoint  # pylint: disable=import-outside-toplevel
+        path = os.path.join(out, "hf")
+        save_hf_checkpoint(model_config, params, path, overwrite=True)
+        shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.model.tmp"))
+        os.replace(os.path.join(path, "tokenizer.model.tmp"),
+                   os.path.join(path, "tokenizer.model"))
+        written["hf"] = path
+    for what, path in written.items():
+        log(f"[export] {what}: {path}")
+    return written
+
+
+def _final_params(stage_cfg, model_config: ModelConfig, directory: str, inputs) -> dict:
+    """The stage's newest good checkpoint, as host numpy arrays."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    from geb_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+    from geb_jax.train.optimizer import (OptimizerConfig,  # pylint: disable=import-outside-toplevel
+                                         make_optimizer)
+    from geb_jax.train.state import (abstract_state,  # pylint: disable=import-outside-toplevel
+                                     state_shardings)
+    mesh = make_mesh(stage_cfg.mesh)
+    optimizer = make_optimizer(OptimizerConfig.from_dict(stage_cfg.optimizer))
+    abstract = abstract_state(model_config, optimizer,
+                              state_shardings(model_config, optimizer, mesh))
+    return jax.device_get(inputs.load_params(directory, abstract))
