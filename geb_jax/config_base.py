@@ -60,6 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3))
 
     c.eval = ml_collections.ConfigDict(dict(every=100, batches=4))
+    # Task suite run at the same steps (geb_jax/eval/suite.py): "" turns it off; also
+    # dpo_preference, sft_exact_match (slow: no KV cache in the JAX model), mc:<file.jsonl>.
+    c.eval.suite = ml_collections.ConfigDict(dict(
+        tasks="perplexity", max_documents=16, stride=0, max_examples=0, max_new_tokens=64,
+        samples=0, temperature=0.8, shots=0, mc_layout="mmlu", mc_style="letter",
+        dpo_beta=0.1, batch_size=8, seed=0))
 
     c.export = ml_collections.ConfigDict(dict(
         stage="",  # "" = the last of config.stages

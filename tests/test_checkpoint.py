@@ -1,11 +1,13 @@
 """geb_jax.checkpoint: exact round trip, periodic saves, keep-last-N, resharding onto other meshes
-(8 simulated CPU devices, in a subprocess), corruption fallback, uncommitted saves, stop signals.
+(8 simulated CPU devices, in a subprocess), corruption fallback, uncommitted saves, stop signals,
+and the read-only stage reader (read_stage).
 
 Run as a script (`python tests/test_checkpoint.py --worker DIR`) it is the subprocess behind the
 `worker` fixture, started with XLA_FLAGS giving it 8 CPU devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,8 +25,8 @@ import optax
 import pytest
 from orbax.checkpoint.path import atomicity as ocp_atomicity
 
-from geb_jax.checkpoint import (CheckpointError, Checkpointer, install_signal_save, should_stop,
-                                state_checksums)
+from geb_jax.checkpoint import (CheckpointError, Checkpointer, install_signal_save, read_stage,
+                                should_stop, state_checksums)
 from geb_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
 from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
 
@@ -481,6 +483,131 @@ def test_async_save_in_flight_is_not_listed_until_committed(tmp_path):
         ckpt.wait()
         assert os.listdir(directory) == ["1"]
         assert (directory / "1" / "commit_success.txt").exists()
+
+
+# ---- read-only stage reading (reader.read_stage) ----------------------------------------------
+READER_LOGGER = "geb_jax.checkpoint.reader"
+RUN_CONFIG = {**CONFIG, "model": dataclasses.asdict(tiny_model())}
+
+
+def stage_state(step: int) -> dict:
+    """A cheap train-state-like tree: the reader keeps only its "params" subtree."""
+    return {"step": jnp.asarray(step, jnp.int32),
+            "params": {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) * step,
+                       "norm": {"scale": jnp.full((5,), step, jnp.bfloat16)}},
+            "opt_state": {"mu": jnp.ones((3, 4), jnp.float32) * -step},
+            "rng": jax.random.key(step)}
+
+
+def save_stage_steps(stage_dir, steps) -> None:
+    with Checkpointer(stage_dir / "checkpoints", save_every=1, keep=None) as ckpt:
+        for step in steps:
+            assert ckpt.maybe_save(step, stage_state(step), data_state_at(step), RUN_CONFIG)
+
+
+def assert_numpy_params_equal(got, want):
+    """got: numpy leaves; want: the saved jax tree. Same paths, dtypes and exact bits."""
+    got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+    want_leaves = jax.tree_util.tree_flatten_with_path(want)[0]
+    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
+    for (path, a), (_, b) in zip(got_leaves, want_leaves):
+        assert isinstance(a, np.ndarray), jax.tree_util.keystr(path)
+        assert a.dtype == b.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(a, np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_read_stage_equals_checkpointer_restore(tmp_path, real_state):
+    stage_dir = tmp_path / "run" / "sft"
+    with Checkpointer(stage_dir / "checkpoints", save_every=0, keep=None) as ckpt:
+        assert ckpt.maybe_save(4, real_state, data_state_at(4), RUN_CONFIG, force=True)
+    stage = read_stage(stage_dir)
+    assert stage.step == 4
+    assert stage.model_config == tiny_model()
+    assert stage.config == json.loads(json.dumps(RUN_CONFIG))
+    assert stage.tokenizer_path is None  # the workdir has no tokenizer.model yet
+    assert_numpy_params_equal(stage.params, real_state.params)  # what was saved
+    with Checkpointer(stage_dir / "checkpoints", save_every=0, keep=None) as ckpt:
+        restored, *_ = ckpt.restore(abstract_of(real_state))
+    assert_numpy_params_equal(stage.params, restored.params)  # what training would restore
+
+    (tmp_path / "run" / "tokenizer.model").write_bytes(b"not parsed by the reader")
+    assert read_stage(str(stage_dir)).tokenizer_path == str(tmp_path / "run" / "tokenizer.model")
+
+
+@pytest.mark.parametrize("kind", ["params_checksum", "zero_array_data", "missing_commit_marker",
+                                  "delete_item"])
+def test_read_stage_falls_back_past_corrupt_newest_with_warning(tmp_path, caplog, kind):
+    stage_dir = tmp_path / "sft"
+    save_stage_steps(stage_dir, [2, 4])
+    step_dir = stage_dir / "checkpoints" / "4"
+    if kind == "params_checksum":  # readable, but not the values that were saved
+        meta = json.loads((step_dir / "meta" / "metadata").read_text())
+        meta["checksums"]["params/norm/scale"][0] ^= 1
+        (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+        pattern = r"differ from the checksums recorded at save time.*params/norm/scale"
+    else:
+        pattern = {"zero_array_data": "reading it failed|cannot read the state metadata|differ "
+                                      "from the checksums",
+                   "missing_commit_marker": "commit marker commit_success.txt is missing",
+                   "delete_item": r"item directory \['config'\] missing"}[kind]
+        _corrupt(str(step_dir), kind)
+    with caplog.at_level(logging.WARNING, logger=READER_LOGGER):
+        stage = read_stage(stage_dir)
+    assert stage.step == 2
+    assert_numpy_params_equal(stage.params, stage_state(2)["params"])
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == READER_LOGGER and r.levelno == logging.WARNING]
+    assert any("step 4" in w and "Falling back" in w and re.search(pattern, w)
+               for w in warnings), (pattern, warnings)
+
+    # An explicit step is read or raises: no fallback, no warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=READER_LOGGER):
+        with pytest.raises(CheckpointError, match=r"step 4 in .* is unusable.*committed: \[2, 4\]"):
+            read_stage(stage_dir, step=4)
+    assert not [r for r in caplog.records if r.name == READER_LOGGER]
+
+
+def test_read_stage_errors_name_the_stage_step_and_alternatives(tmp_path):
+    workdir = tmp_path / "run"
+    save_stage_steps(workdir / "sft", [2, 4])
+    assert read_stage(workdir / "sft", step=2).step == 2
+    for bad in (3, "4", True):
+        with pytest.raises(CheckpointError,
+                           match=rf"No committed checkpoint for step={bad!r}.*committed steps: "
+                                 r"\[2, 4\]"):
+            read_stage(workdir / "sft", step=bad)
+    with pytest.raises(CheckpointError, match=r"stage 'dpo' has not been trained.*"
+                                              r"stages with checkpoints there: \['sft'\]"):
+        read_stage(workdir / "dpo")
+    with pytest.raises(CheckpointError, match=r"is a workdir: name one of its stages \['sft'\]"):
+        read_stage(workdir)
+    (workdir / "pretrain" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no committed checkpoint"):
+        read_stage(workdir / "pretrain")
+    for step in (2, 4):
+        _corrupt(str(workdir / "sft" / "checkpoints" / str(step)), "missing_commit_marker")
+    with pytest.raises(CheckpointError, match=r"No usable checkpoint .*step 4: .*step 2: "):
+        read_stage(workdir / "sft")
+
+
+def _tree_listing(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, name), root)
+                  for d, dirs, files in os.walk(root) for name in dirs + files)
+
+
+def test_read_stage_deletes_and_creates_nothing(tmp_path):
+    """A leftover temporary step folder may be the save in flight of a run still training:
+    Checkpointer() would remove it (see the uncommitted-temporary-directory test above)."""
+    stage_dir = tmp_path / "sft"
+    save_stage_steps(stage_dir, [2])
+    checkpoints = stage_dir / "checkpoints"
+    shutil.copytree(checkpoints / "2", checkpoints / f"6{TMP_SUFFIX}")  # complete, uncommitted
+    before = _tree_listing(tmp_path)
+    assert read_stage(stage_dir).step == 2  # the uncommitted step is not a candidate
+    with pytest.raises(CheckpointError, match="step=6"):
+        read_stage(stage_dir, step=6)
+    assert _tree_listing(tmp_path) == before
 
 
 # ---- stop signals -----------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def exported(tmp_path_factory):
     config = load_config(os.path.join(REPO_ROOT, "configs", "tiny.py:smoke"))
     config = apply_overrides(config, {
         "workdir": str(workdir), "train.steps": 2, "optimizer.total_steps": 2,
-        "optimizer.warmup_steps": 1, "eval.every": 0, "model.d_model": 64,
+        "optimizer.warmup_steps": 1, "eval.every": 2, "eval.batches": 1,
+        "eval.suite.max_documents": 4, "model.d_model": 64,
         "model.n_layers": 2, "model.n_heads": 2, "model.n_kv_heads": 1, "model.d_ff": 128,
         "mode": "export", "export.gguf_dtypes": "f32,q8_0"})
     run_stages(config)
@@ -102,3 +103,20 @@ def test_export_without_a_run_is_one_clear_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "train the run first" in result.stderr
+
+
+def test_training_logged_the_eval_suite(exported):
+    """eval.suite runs at eval steps: bits per byte consistent with its own nats and bytes."""
+    import json
+    import math
+    config, _, _ = exported
+    with open(os.path.join(config.workdir, "pretrain", "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    suite = [r for r in records if r["split"] == "eval_suite"]
+    assert [r["step"] for r in suite] == [2]
+    r = suite[0]
+    nats = r["perplexity/nll_per_token"] * r["perplexity/tokens"]
+    np.testing.assert_allclose(r["perplexity/bits_per_byte"],
+                               nats / (math.log(2) * r["perplexity/bytes"]), rtol=1e-6)
+    np.testing.assert_allclose(r["perplexity/perplexity"],
+                               math.exp(r["perplexity/nll_per_token"]), rtol=1e-6)

@@ -24,7 +24,9 @@ TINY = "configs/tiny.py"
 
 @pytest.fixture
 def tiny():
-    return load_config(os.path.join(REPO_ROOT, TINY))
+    config = load_config(os.path.join(REPO_ROOT, TINY))
+    config.stages = "pretrain"  # synthetic runs log one stage
+    return config
 
 
 def write_sweep(tmp_path, body: str, name: str = "sweep.py") -> str:

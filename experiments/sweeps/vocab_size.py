@@ -20,7 +20,7 @@ def get_sweep_meta():
         "config": "configs/tiny.py",
         "title": "tokenizer vocabulary size (tiny, 150 steps)",
         "x": "model.vocab_size",
-        "metric": "final_eval_bits_per_byte",
+        "metric": "final_suite_perplexity_bits_per_byte",
         "fixed": {"stages": "pretrain", "data.tokenizer": "builtin", "train.steps": 150,
                   "optimizer.total_steps": 150, "optimizer.warmup_steps": 15,
                   "train.batch_size": 4, "train.seq_len": 128, "train.log_every": 5,

@@ -179,6 +179,39 @@ def state_checksums(state: PyTree) -> dict[str, list[int]]:
     return {name: [int(a), int(b)] for (name, _), (a, b) in zip(named, sums)}
 
 
+# ---- step checks shared with the read-only reader (geb_jax.checkpoint.reader) --------------
+def step_marker_problem(step_dir: str | os.PathLike) -> str | None:
+    """Why a committed step folder cannot be a complete checkpoint (no commit marker, an item
+    folder missing), or None. A directory check only: no data is read."""
+    step_dir = epath.Path(step_dir)
+    if not (step_dir / COMMIT_MARKER).exists():
+        return (f"orbax's commit marker {COMMIT_MARKER} is missing from {step_dir} (the save "
+                "did not finish, or files were removed afterwards)")
+    missing = [item for item in ITEMS if not (step_dir / item).exists()]
+    if missing:
+        return f"item director{'ies' if len(missing) > 1 else 'y'} {missing} missing"
+    return None
+
+
+def checksum_problem(meta: Mapping[str, Any], step: int, state: PyTree,
+                     whole_state: bool = True) -> str | None:
+    """Why restored `state` is not what step `step` saved (per the META item), or None.
+
+    whole_state=False checks a restored part of the state (e.g. only {"params": ...}): each of
+    its leaves must match its recorded checksum, the other recorded leaves are not needed.
+    """
+    expected = meta.get("checksums")
+    if meta.get("step") != step or not isinstance(expected, dict):
+        return "its meta item is inconsistent (wrong step or no checksums)"
+    actual = state_checksums(state)
+    bad = sorted(n for n in actual if expected.get(n) != actual[n])
+    unmatched = sorted(set(expected) ^ set(actual)) if whole_state else []
+    if bad or unmatched:
+        return (f"restored values differ from the checksums recorded at save time "
+                f"(leaves {bad[:5] or unmatched[:5]})")
+    return None
+
+
 # ---- multi-process agreement ----------------------------------------------------------------
 def _all_processes(flag: bool) -> bool:
     """True iff `flag` is True on every process (a no-op with one process)."""
@@ -435,14 +468,7 @@ class Checkpointer:
             f"start from scratch, or point the run's workdir elsewhere.")
 
     def _marker_problem(self, step: int) -> str | None:
-        step_dir = self.directory / str(step)
-        if not (step_dir / COMMIT_MARKER).exists():
-            return (f"orbax's commit marker {COMMIT_MARKER} is missing from {step_dir} (the save "
-                    "did not finish, or files were removed afterwards)")
-        missing = [item for item in ITEMS if not (step_dir / item).exists()]
-        if missing:
-            return f"item director{'ies' if len(missing) > 1 else 'y'} {missing} missing"
-        return None
+        return step_marker_problem(self.directory / str(step))
 
     def _structure_problem(self, step: int, named: Sequence[tuple[str, jax.ShapeDtypeStruct]]
                            ) -> str | None:
@@ -501,15 +527,9 @@ class Checkpointer:
         if not _all_processes(problem is None):
             return None, problem or "another process could not read it"
         state = restored[STATE_ITEM]
-        meta = restored[META_ITEM]
-        expected = meta.get("checksums")
-        if meta.get("step") != step or not isinstance(expected, dict):
-            return None, "its meta item is inconsistent (wrong step or no checksums)"
-        actual = state_checksums(state)
-        bad = sorted(n for n in actual if expected.get(n) != actual[n])
-        if bad or set(expected) != set(actual):
-            return None, (f"restored values differ from the checksums recorded at save time "
-                          f"(leaves {bad[:5] or sorted(set(expected) ^ set(actual))[:5]})")
+        problem = checksum_problem(restored[META_ITEM], step, state)
+        if problem is not None:
+            return None, problem
         return (state, restored[DATA_STATE_ITEM], restored[CONFIG_ITEM], step), None
 
 

@@ -73,6 +73,13 @@ def summarize(metrics: dict[str, list[dict]]) -> dict:
             best = min(scored, key=lambda r: r["loss"])
             row.update(best_eval_loss=best["loss"], best_eval_step=best["step"],
                        best_eval_perplexity=math.exp(best["loss"]))
+    suite = metrics.get("eval_suite", [])  # "task/metric" keys from geb_jax.eval
+    if suite:
+        row.update({f"final_suite_{k.replace('/', '_')}": v for k, v in suite[-1].items()
+                    if k not in NOT_METRICS})
+    for event in metrics.get("event", []):  # replaced batches, rewinds (train/spikes.py)
+        key = f"events_{event.get('event')}"
+        row[key] = row.get(key, 0) + 1
     return row
 
 

@@ -7,6 +7,7 @@ directory, with the data iterator exactly where it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -16,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from geb_jax.checkpoint import Checkpointer, install_signal_save
+from geb_jax.eval import EvalConfig, evaluate_during_training
 from geb_jax.model import ModelConfig, make_apply
 from geb_jax.parallel.mesh import LOGICAL_AXIS_RULES, check_batch_divides, make_mesh
 from geb_jax.train import inputs
@@ -76,6 +78,9 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     tokenizer = inputs.stage_tokenizer(config, model_config)
     dataset = inputs.train_dataset(config, stage, tokenizer)
     eval_batches = inputs.eval_batches(config, stage, tokenizer)
+    eval_suite = EvalConfig.from_dict(config.eval.suite)
+    if jax.process_count() > 1:
+        eval_suite = dataclasses.replace(eval_suite, tasks="")  # single-process for now
 
     # ---- Update step -----------------------------------------------------------------------
     optimizer = make_optimizer(opt_config)
@@ -179,6 +184,10 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
             if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
                 log.write(step, evaluate(eval_step, state.params, eval_batches, batch_sh,
                                          reference_params), split="eval")
+                if eval_suite.tasks:
+                    log.write(step, evaluate_during_training(
+                        state.params, model_config, tokenizer, eval_suite,
+                        reference_params=reference_params), split="eval_suite")
             data_state = {"iterator": inputs.iterator_state(batches.iterator),
                           "batches_drawn": batches.drawn}
             checkpointer.maybe_save(step, state, data_state, config.to_dict(),

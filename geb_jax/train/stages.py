@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from geb_jax.eval import EvalConfig
 from geb_jax.model.config import ConfigError, ModelConfig
 from geb_jax.train.optimizer import OptimizerConfig
 from geb_jax.train.step import SpikeConfig
@@ -40,6 +41,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ModelConfig.from_dict(config.model)
     OptimizerConfig.from_dict(config.optimizer)
     SpikeConfig.from_dict(config.train.spike)
+    EvalConfig.from_dict(config.eval.suite)
 
 
 def run_stages(config: ml_collections.ConfigDict) -> list[dict]:

@@ -130,55 +130,26 @@ def engine_row_nll(weights, batch_size: int = 8) -> tuple[RowNll, int]:
 
 
 # ----------------------------------------------------------------------------- loading
-def _stage_config(checkpoints: str) -> dict:
-    """The run config saved with the newest committed checkpoint (orbax's JSON item)."""
-    import orbax.checkpoint as ocp
-
-    from geb_jax.checkpoint.manager import CONFIG_ITEM
-
-    manager = ocp.CheckpointManager(checkpoints, item_names=(CONFIG_ITEM,))
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise ModelScorerError(f"{checkpoints} holds no committed checkpoint: finish the "
-                                   f"stage first")
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **{CONFIG_ITEM: ocp.args.JsonRestore()}))
-    finally:
-        manager.close()
-    config = restored[CONFIG_ITEM]
-    if not isinstance(config, dict) or "model" not in config or "optimizer" not in config:
-        raise ModelScorerError(f"{checkpoints}/{step}: its config item has no model/optimizer "
-                               f"section")
-    return config
-
-
 def load_stage(stage_dir: str):
-    """(params, ModelConfig, Tokenizer) of a finished stage: workdir/<stage>/checkpoints and
-    workdir/tokenizer.model."""
+    """(params, ModelConfig, Tokenizer) of a finished stage's newest good checkpoint
+    (geb_jax.checkpoint.read_stage: read-only, checksums verified) and workdir/tokenizer.model;
+    the parameters are put on the default device once."""
     import jax
 
+    from geb_jax.checkpoint import CheckpointError
+    from geb_jax.checkpoint.reader import TOKENIZER_FILE, read_stage
     from geb_jax.data.tokenizer import Tokenizer
-    from geb_jax.model import ModelConfig
-    from geb_jax.train.inputs import load_params
-    from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
-    from geb_jax.train.state import abstract_state
 
-    config = _stage_config(os.path.join(stage_dir, "checkpoints"))
-    model_config = ModelConfig.from_dict(config["model"])
-    optimizer = make_optimizer(OptimizerConfig.from_dict(config["optimizer"]))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                            abstract_state(model_config, optimizer))
-    params = load_params(stage_dir, abstract)
-    tokenizer_file = os.path.join(os.path.dirname(os.path.abspath(stage_dir)),
-                                  "tokenizer.model")
-    if not os.path.isfile(tokenizer_file):
-        raise ModelScorerError(f"{stage_dir}: no tokenizer.model in its workdir "
-                               f"({tokenizer_file}); the training run writes it there")
-    tokenizer = Tokenizer.load(tokenizer_file)
-    tokenizer.check_matches_model(model_config.vocab_size, allow_padding=True)
-    return params, model_config, tokenizer
+    try:
+        checkpoint = read_stage(stage_dir)
+    except CheckpointError as e:  # the cleaning chain reports ModelScorerError as config error
+        raise ModelScorerError(str(e)) from e
+    if checkpoint.tokenizer_path is None:
+        raise ModelScorerError(f"{stage_dir}: no {TOKENIZER_FILE} in its workdir "
+                               f"({checkpoint.workdir}); the training run writes it there")
+    tokenizer = Tokenizer.load(checkpoint.tokenizer_path)
+    tokenizer.check_matches_model(checkpoint.model_config.vocab_size, allow_padding=True)
+    return jax.device_put(checkpoint.params), checkpoint.model_config, tokenizer
 
 
 def load_model_scorer(path: str, batch_size: int = 8) -> ModelScorer:
@@ -194,8 +165,8 @@ def load_model_scorer(path: str, batch_size: int = 8) -> ModelScorer:
         weights, tokenizer = load_model(path)
         row_nll, max_len = engine_row_nll(weights, batch_size)
     else:
-        stages = sorted(d for d in os.listdir(path) if os.path.isdir(
-            os.path.join(path, d, "checkpoints"))) if os.path.isdir(path) else []
+        from geb_jax.checkpoint.reader import stages_with_checkpoints
+        stages = stages_with_checkpoints(path)
         hint = (f" (it is a workdir: name a stage, e.g. {os.path.join(path, stages[0])!r})"
                 if stages else "")
         raise ModelScorerError(
