@@ -1,6 +1,6 @@
 """Training throughput of the real train step: tokens/s and MFU for any preset and batch.
 
-    python experiments/bench_train.py --config configs/tiny.py
+    python experiments/bench_train.py --config configs/tiny.py --peer torch
     python experiments/bench_train.py --config configs/geb_1_3b.py --config.train.batch_size=8 \
         --config.train.seq_len=4096 --steps 20
 
@@ -40,6 +40,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device (0: known GPUs/TPUs).")
 _JSON = flags.DEFINE_string("json", "", "Also write the result to this JSON file.")
+_PEER = flags.DEFINE_enum("peer", "none", ["none", "torch"],
+                          "Also time the peer in the same run: torch = Hugging Face "
+                          "LlamaForCausalLM + torch.optim.AdamW + clipping, same shapes and batch.")
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
@@ -98,6 +101,44 @@ def benchmark(config, steps: int, warmup: int, peak_flops: float = 0.0) -> dict:
         "final_loss": loss}
 
 
+def benchmark_torch(config, steps: int, warmup: int) -> dict:
+    """The peer: the same model and batch as a transformers Llama, trained by PyTorch (eager,
+    float32, SDPA attention; one document per row, since HF has no packed-document mask)."""
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    from geb_jax.export.hf import hf_config_from_model_config  # pylint: disable=import-outside-toplevel
+    model_config = ModelConfig.from_dict(config.model)
+    hf_config = transformers.LlamaConfig(**hf_config_from_model_config(model_config))
+    model = transformers.LlamaForCausalLM(hf_config).train()
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.peak_learning_rate,
+                                  betas=(opt.b1, opt.b2), eps=opt.eps,
+                                  weight_decay=opt.weight_decay)
+    batch = random_batch(config.train.batch_size, config.train.seq_len, model_config.vocab_size)
+    inputs = torch.from_numpy(batch["inputs"].astype(np.int64))
+    targets = torch.from_numpy(batch["targets"].astype(np.int64))
+
+    def step() -> float:
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
+        optimizer.step()
+        return float(loss.detach())
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - t0
+    tokens = config.train.batch_size * config.train.seq_len
+    return {"engine": f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+            "step_s": elapsed / steps, "tokens_per_s": steps * tokens / elapsed}
+
+
 def main(argv):
     del argv
     result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _PEAK.value)
@@ -109,6 +150,12 @@ def main(argv):
           f"compile {result['compile_s']:.1f} s; step {result['step_s'] * 1e3:.1f} ms; "
           f"{result['tokens_per_s']:,.0f} tokens/s; MFU {mfu} "
           f"(FLOPs/token = 6N + 12*L*H*Dh*T = {result['flops_per_token']:.4g})")
+    if _PEER.value == "torch":
+        peer = benchmark_torch(_CONFIG.value, _STEPS.value, _WARMUP.value)
+        result["peer"] = peer
+        print(f"peer {peer['engine']}: step {peer['step_s'] * 1e3:.1f} ms; "
+              f"{peer['tokens_per_s']:,.0f} tokens/s; geb_jax / peer = "
+              f"{result['tokens_per_s'] / peer['tokens_per_s']:.2f}x")
     if _JSON.value:
         with open(_JSON.value + ".tmp", "w") as f:
             json.dump(result, f, indent=2)
