@@ -17,11 +17,17 @@ Read `build_onnx_model` first; `export_onnx` adds metadata, writes atomically an
 written file with onnxruntime against the numpy engine. File names and metadata keys live in
 geb_jax/infer/onnx_file.py (the jax-free reader). Shapes: B T S D N K G H F V as in
 model/config.py, P past length, G = N / K.
+
+Memory: export_onnx reads the parameter tree lazily (`_ParamTreeTensors`) and streams every
+initializer of >= 1 KiB into the .data file as soon as it is made (`stream_to=`), so building
+and saving hold the caller's parameters plus about one tensor, not the ~4.7 copies that
+protobuf costs (the initializer list, make_graph's copy, make_model's, the save).
 """
 from __future__ import annotations
 
 import base64
 import collections
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -33,6 +39,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 import geb_jax
 from geb_jax.data import chat
@@ -40,13 +47,15 @@ from geb_jax.data.tokenizer import Tokenizer
 from geb_jax.infer import onnx_file as fmt
 from geb_jax.infer.config import InferConfig
 from geb_jax.infer.engine import Engine, rope_tables
-from geb_jax.infer.weights import Weights
+from geb_jax.infer.weights import Weights, WeightsError
 
 DEFAULT_OPSET = 17  # widely supported; the ops used here exist unchanged from 17 to 21
 SUPPORTED_OPSETS = range(17, 22)
 # Initializer bytes above which weights go to an external .data file: protobuf cannot
 # serialise a message over 2 GiB, and the graph, metadata and tokenizer need some room.
 EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 27
+EXTERNAL_MIN_BYTES = 1024  # smaller initializers (shapes, axes, scalars) stay in the .onnx
+EXTERNAL_ALIGN = 4096  # page-aligned offsets, as onnx.save aligns, so onnxruntime can mmap them
 QUANT_BITS = {"int8": 8, "int4": 4}
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog."
 VERIFY_TOLERANCE = 1e-3  # times max(1, max |logit|): summation-order noise is ~1e-6 of that
@@ -64,18 +73,50 @@ class OnnxExportError(ValueError):
 
 # ---- graph building ----------------------------------------------------------------------
 
+class _ExternalDataWriter:
+    """Writes initializers of >= EXTERNAL_MIN_BYTES to one external-data file as they come and
+    returns a TensorProto that only refers to them (onnx's convention: data_location EXTERNAL,
+    external_data location / offset / length), so no weight is ever copied into protobuf."""
+
+    def __init__(self, path: str):
+        self.location = os.path.basename(path)
+        self._file = open(path, "wb")  # pylint: disable=consider-using-with
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < EXTERNAL_MIN_BYTES:
+            return numpy_helper.from_array(array, name)
+        offset = -(-self._file.tell() // EXTERNAL_ALIGN) * EXTERNAL_ALIGN
+        self._file.seek(offset)
+        self._file.write(memoryview(array).cast("B"))
+        tensor = TensorProto(name=name, dims=array.shape, data_location=TensorProto.EXTERNAL,
+                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        for key, value in (("location", self.location), ("offset", offset),
+                           ("length", array.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class _Graph:
     """Collects nodes and initializers; op() names outputs after the node's scope."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, writer: _ExternalDataWriter | None = None):
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._writer = writer
         self._names: collections.Counter = collections.Counter()
         self._consts: dict[tuple, str] = {}
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        if self._writer is not None:
+            self.initializers.append(self._writer.tensor(name, array))
+        else:  # looked up at call time: experiments/bench_cpu.py patches numpy_helper
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -229,16 +270,32 @@ def _attention_mask(g: _Graph) -> str:
 
 
 def build_onnx_model(weights: Weights, *, quantize: str | None = None, block_size: int = 32,
-                     opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """The decoder graph of float32 `weights` (no metadata); see the module docstring."""
-    c = weights.config
+                     opset: int = DEFAULT_OPSET,
+                     stream_to: str | None = None) -> onnx.ModelProto:
+    """The decoder graph of float32 `weights` (no metadata); see the module docstring.
+
+    weights: anything with `.config` (InferConfig) and `.to_named_tensors()` (a mapping of HF
+    names to [out, in] float32 arrays, each read once). stream_to: an external-data file path;
+    each initializer of >= EXTERNAL_MIN_BYTES is written there as soon as it is made and the
+    model only refers to it (by base name: save the .onnx in the same folder).
+    """
     bits = _check_quantize(quantize, block_size)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxExportError(f"opset={opset} is not supported; choose one of "
                               f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}.")
     quant = _Quant(bits, block_size)
+    writer = None if stream_to is None else _ExternalDataWriter(stream_to)
+    try:
+        return _build(weights, quant, _Graph(opset, writer))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _build(weights: Weights, quant: _Quant, g: _Graph) -> onnx.ModelProto:
+    """Embedding, RoPE tables, mask, blocks, final norm and head, in that order."""
+    c = weights.config
     named = weights.to_named_tensors()  # HF names, torch [out, in] layouts
-    g = _Graph(opset)
     x = g.op("Gather", [g.weight("model.embed_tokens.weight", named["model.embed_tokens.weight"]),
                         "input_ids"], "/model/embed_tokens", axis=0)  # (B, T, D)
     cos_table, sin_table = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)  # (max, H/2)
@@ -295,7 +352,7 @@ def _make_model(g: _Graph, c: InferConfig) -> onnx.ModelProto:
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{which}", f32, kv))
             kv[2] = "total_sequence_length"
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{which}", f32, kv))
-    graph = helper.make_graph(g.nodes, "geb_jax_decoder", inputs, outputs, g.initializers)
+    graph = helper.make_graph(g.nodes, "geb_jax_decoder", inputs, outputs)
     opsets = [helper.make_opsetid("", g.opset)]
     if any(node.domain == "com.microsoft" for node in g.nodes):
         opsets.append(helper.make_opsetid("com.microsoft", 1))
@@ -303,6 +360,9 @@ def _make_model(g: _Graph, c: InferConfig) -> onnx.ModelProto:
                               producer_version=geb_jax.__version__,
                               ir_version=helper.find_min_ir_version_for(opsets, True))
     model.doc_string = "geb_jax Llama-family decoder with KV cache (prefill and decode)"
+    for j, tensor in enumerate(g.initializers):  # append copies: drop each original at once
+        model.graph.initializer.append(tensor)
+        g.initializers[j] = None
     return model
 
 
@@ -389,13 +449,15 @@ def ort_session(path: str):
 def _verify(path: str, tokenizer: Tokenizer) -> float:
     """Last-token logits of a fixed prompt: onnxruntime on the file vs the numpy engine on
     the weights read back from it. Returns the max abs difference; raises past tolerance."""
-    weights, _ = fmt.read_onnx_weights(path)
-    c = weights.config
+    c = fmt.read_onnx_info(path).config
     ids = tokenizer.encode(VERIFY_TEXT, add_bos=True)[:c.max_seq_len]
-    expected = Engine(weights, max_len=len(ids)).prefill([ids])[0]
-    session = ort_session(path)
+    session = ort_session(path)  # one side at a time: two copies of the weights, not three
     names = [o.name for o in session.get_outputs()]
     got = dict(zip(names, session.run(None, ort_feed(c, [ids]))))["logits"][0, -1]
+    del session
+    weights, _ = fmt.read_onnx_weights(path)
+    expected = Engine(weights, max_len=len(ids)).prefill([ids])[0]
+    del weights
     diff = float(np.abs(got - expected).max())
     tolerance = VERIFY_TOLERANCE * max(1.0, float(np.abs(expected).max()))
     if not diff <= tolerance:
@@ -406,6 +468,78 @@ def _verify(path: str, tokenizer: Tokenizer) -> float:
 
 
 # ---- export ------------------------------------------------------------------------------
+
+class _ParamTreeTensors(collections.abc.Mapping):
+    """Our parameter tree seen as build_onnx_model's `weights`: HF names, [out, in] layouts,
+    each tensor a view made when asked for (Weights.from_params would be a second copy of
+    the model, and its to_named_tensors a third). Shapes are checked up front, as
+    Weights.from_params checks them, with the same WeightsError."""
+
+    def __init__(self, params: Mapping, config: dict):
+        c = self.config = InferConfig.from_dict(config)
+        d, n, k, h, f, L = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.n_layers
+        shapes = {"layers/attn/q": (L, d, n, h), "layers/attn/k": (L, d, k, h),
+                  "layers/attn/v": (L, d, k, h), "layers/attn/o": (L, n, h, d),
+                  "layers/mlp/gate": (L, d, f), "layers/mlp/up": (L, d, f),
+                  "layers/mlp/down": (L, f, d), "layers/attn_norm/scale": (L, d),
+                  "layers/mlp_norm/scale": (L, d), "embedding": (c.vocab_size, d),
+                  "final_norm/scale": (d,)}
+        if not c.tie_embeddings:
+            shapes["lm_head"] = (d, c.vocab_size)
+        self._leaves = {path: _param(params, path, shape) for path, shape in shapes.items()}
+        self._index = self._names()
+
+    def to_named_tensors(self) -> "_ParamTreeTensors":
+        return self
+
+    def _names(self) -> dict[str, tuple]:
+        """HF name -> (our leaf, layer or None)."""
+        names = {"model.embed_tokens.weight": ("embedding", None),
+                 "model.norm.weight": ("final_norm/scale", None)}
+        if not self.config.tie_embeddings:
+            names["lm_head.weight"] = ("lm_head", None)
+        for i in range(self.config.n_layers):
+            p = f"model.layers.{i}."
+            names.update({p + f"self_attn.{x}_proj.weight": (f"layers/attn/{x}", i)
+                          for x in "qkvo"})
+            names.update({p + f"mlp.{x}_proj.weight": (f"layers/mlp/{x}", i)
+                          for x in ("gate", "up", "down")})
+            names[p + "input_layernorm.weight"] = ("layers/attn_norm/scale", i)
+            names[p + "post_attention_layernorm.weight"] = ("layers/mlp_norm/scale", i)
+        return names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, i = self._index[name]
+        leaf = self._leaves[path] if i is None else self._leaves[path][i]
+        if path in ("layers/attn/q", "layers/attn/k", "layers/attn/v"):  # (D, heads, H)
+            return leaf.reshape(leaf.shape[0], -1).T  # -> (heads*H, D)
+        if path == "layers/attn/o":  # (N, H, D) -> (D, N*H)
+            return leaf.reshape(-1, leaf.shape[-1]).T
+        if path in ("layers/mlp/gate", "layers/mlp/up", "layers/mlp/down", "lm_head"):
+            return leaf.T  # (in, out) -> (out, in)
+        return leaf
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def _param(params: Mapping, path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One leaf as float32 numpy: no copy for float32 numpy or (CPU) jax arrays."""
+    node = params
+    try:
+        for key in path.split("/"):
+            node = node[key]
+    except (KeyError, TypeError):
+        raise WeightsError(f"parameter {path} is missing from params") from None
+    value = np.asarray(node, dtype=np.float32)
+    if value.shape != shape:
+        raise WeightsError(f"parameter {path} has shape {value.shape}, expected {shape} from "
+                           f"the config")
+    return value
+
 
 def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_path: str, *,
                 quantize: str | None = None, block_size: int = 32, opset: int = DEFAULT_OPSET,
@@ -425,9 +559,9 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
         raise OnnxExportError(f"out_path {out_path} must end with .onnx")
     _check_quantize(quantize, block_size)
     config = _config_dict(model_config)
-    weights = Weights.from_params(params, config)
+    tensors = _ParamTreeTensors(params, config)
     tokenizer = Tokenizer.load(tokenizer_path)
-    tokenizer.check_matches_model(weights.config.vocab_size, allow_padding=True)
+    tokenizer.check_matches_model(tensors.config.vocab_size, allow_padding=True)
     with open(tokenizer_path, "rb") as f:
         tokenizer_bytes = f.read()
     folder, name = os.path.split(out_path)
@@ -435,19 +569,21 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
     tokenizer_target = os.path.join(folder, fmt.TOKENIZER_FILE)
     _check_targets(out_path, tokenizer_target, tokenizer_bytes, overwrite)
 
-    model = build_onnx_model(weights, quantize=quantize, block_size=block_size, opset=opset)
-    del weights
-    _set_metadata(model, config, tokenizer_bytes, quantize, block_size)
-    external = sum(len(t.raw_data) for t in model.graph.initializer) > external_data_threshold
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
     try:
-        tmp_model = os.path.join(tmp, name)
-        if external:
-            onnx.save_model(model, tmp_model, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, tmp_model)
+        tmp_model, tmp_data = os.path.join(tmp, name), os.path.join(tmp, data_name)
+        # Weights go straight to the .data file; only a model under the threshold (which
+        # protobuf can hold) is read back to be saved as one self-contained .onnx.
+        model = build_onnx_model(tensors, quantize=quantize, block_size=block_size, opset=opset,
+                                 stream_to=tmp_data)
+        del tensors
+        external = _initializer_bytes(model) > external_data_threshold
+        if not external:
+            load_external_data_for_model(model, tmp)
+            os.remove(tmp_data)
+        _set_metadata(model, config, tokenizer_bytes, quantize, block_size)
+        onnx.save_model(model, tmp_model)
         del model
         shutil.copyfile(tokenizer_path, os.path.join(tmp, fmt.TOKENIZER_FILE))
         if verify:
@@ -461,6 +597,17 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_path
+
+
+def _initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of all initializers, inline or external."""
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in tensor.external_data}["length"])
+        else:
+            total += len(tensor.raw_data)
+    return total
 
 
 def _check_targets(out_path: str, tokenizer_target: str, tokenizer_bytes: bytes,
