@@ -27,6 +27,7 @@ from geb_jax.data.tokenizer import builtin_tokenizer
 from geb_jax.export.onnx_export import (OnnxExportError, export_onnx, ort_feed, ort_session)
 from geb_jax.infer import Engine, ModelFileError, load_model
 from geb_jax.infer.onnx_file import read_onnx_info, read_onnx_weights
+from geb_jax.infer.weights import Weights
 from geb_jax.model import ModelConfig, make_apply
 
 from tests import numpy_reference
@@ -260,6 +261,52 @@ def test_external_data_export_streams_weights_in_little_memory(tokenizer, tmp_pa
             assert np.abs(logits - reference).max() < tolerance
 
 
+_PEAK_RSS_READ_CHILD = """
+import json, sys
+from geb_jax.infer.onnx_file import read_onnx_weights
+
+def rss_bytes(key):  # VmRSS: now; VmHWM: peak since the last reset
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+
+read_onnx_weights(sys.argv[1])  # a small model first, so that imports are not counted
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM
+before = rss_bytes("VmRSS")
+weights, _ = read_onnx_weights(sys.argv[2])
+print(json.dumps({"peak": rss_bytes("VmHWM") - before, "held": rss_bytes("VmRSS") - before}))
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs Linux /proc to reset the peak RSS")
+def test_external_data_read_peaks_near_one_copy_of_the_weights(exports, tokenizer, tmp_path):
+    """Reading a forced external-data export in a fresh process: each tensor is read from its
+    own slice of the .data file, so the peak RSS stays near the one copy the Weights keep
+    (it was ~2.7 copies when onnx pulled every byte into the proto first), and the weights
+    equal the originals bit for bit (Weights.from_params is the independent reference)."""
+    config = ModelConfig(**STREAMED)
+    params = _random_params(config, seed=8)
+    path = export_onnx(params, config, tokenizer.path, str(tmp_path / "read.onnx"),
+                       external_data_threshold=0, verify=False)
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_READ_CHILD, exports["gqa-untied-pre"][0], path],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    nbytes = sum(int(a.nbytes) for a in jax.tree.leaves(params))
+    assert nbytes > 30e6
+    _record("read_peak_over_weights", rss["peak"] / nbytes)
+    assert 0.9 * nbytes < rss["held"] <= rss["peak"]  # the measurement sees the weights
+    assert rss["peak"] < 1.25 * nbytes, rss
+
+    got = read_onnx_weights(path)[0].to_named_tensors()
+    expected = Weights.from_params(params, config).to_named_tensors()
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and np.array_equal(got[name], value), name
+
+
 def test_load_model_engine_matches_ort(exports, tokenizer):
     path, config, _ = exports["mqa-tied-pre"]
     weights, loaded_tokenizer = load_model(path)
@@ -382,9 +429,23 @@ def test_external_data_missing_raises_model_file_error(exports, tokenizer, tmp_p
     _, config, params = exports["gqa-untied-pre"]
     path = export_onnx(params, config, tokenizer.path, str(tmp_path / "ext.onnx"),
                        external_data_threshold=0, verify=False)
+    # A location leaving the model's folder is refused even though the bytes there are intact.
+    escaping = onnx.load(path, load_external_data=False)
+    for tensor in escaping.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../ext.onnx.data"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "escaping.onnx").write_bytes(escaping.SerializeToString())
+    with pytest.raises(ModelFileError, match=r"escaping\.onnx.*outside the model's folder"):
+        read_onnx_weights(str(tmp_path / "sub" / "escaping.onnx"))
+    os.rename(path + ".data", tmp_path / "moved.data")
+    with pytest.raises(ModelFileError, match=r"ext\.onnx.*ext\.onnx\.data"):  # missing
+        load_model(path)
+    os.rename(tmp_path / "moved.data", path + ".data")
     with open(path + ".data", "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(ModelFileError, match="ext.onnx"):
+    with pytest.raises(ModelFileError, match=r"ext\.onnx.*holds 1000 bytes"):
         load_model(path)
 
 

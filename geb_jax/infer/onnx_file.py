@@ -23,9 +23,12 @@ int4 has integer zero points and float32 scales, Int4Matrix float16 minimum and 
 from __future__ import annotations
 
 import base64
+import collections.abc
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 
@@ -146,34 +149,28 @@ def read_onnx_info(path: str) -> OnnxModelInfo:
 
 
 def read_onnx_weights(path: str) -> tuple[Weights, OnnxModelInfo]:
-    """A geb_jax .onnx (external data beside it, if any) -> float32 Weights and its metadata."""
-    from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
-    from onnx.external_data_helper import (  # pylint: disable=import-outside-toplevel
-        load_external_data_for_model)
+    """A geb_jax .onnx (external data beside it, if any) -> float32 Weights and its metadata.
 
+    Why lazily: each tensor is read from its own slice of the external file only when
+    Weights.from_named_tensors asks for it, so the file's bytes never sit in the proto and
+    each layer's originals are freed once merged; the peak stays near one copy of the weights
+    (onnx's load_external_data_for_model plus to_array held ~2.7)."""
     path = os.fspath(path)
     model = _load_proto(path)
     info = _info(path, model)
     try:
-        load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-        arrays = {t.name: t for t in model.graph.initializer}
+        initializers = _Initializers(model, os.path.dirname(os.path.abspath(path)))
         nbits = {node.input[1]: node for node in model.graph.node
                  if node.op_type == "MatMulNBits"}
-
-        def array(name: str) -> np.ndarray:
-            if name not in arrays:
-                raise WeightsError(f"initializer {name!r} is missing")
-            return numpy_helper.to_array(arrays[name])
-
         c = info.config
-        tensors = {"model.embed_tokens.weight": array("model.embed_tokens.weight"),
-                   "model.norm.weight": array("model.norm.weight")}
-        for i in range(c.n_layers):
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                name = f"model.layers.{i}.{norm}.weight"
-                tensors[name] = array(name)
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        names += [f"model.layers.{i}.{norm}.weight" for i in range(c.n_layers)
+                  for norm in ("input_layernorm", "post_attention_layernorm")]
+        tensors = _LazyTensors({name: functools.partial(initializers.array, name)
+                                for name in names})
         for linear in linear_names(c.n_layers, c.tie_embeddings):
-            tensors[linear + ".weight"] = _linear_weight(linear, arrays, nbits, array).T
+            tensors.readers[linear + ".weight"] = functools.partial(
+                _linear_weight, linear, initializers, nbits)
         weights = Weights.from_named_tensors(tensors, c)
     except (WeightsError, ValueError, OSError) as e:  # OSError: external data file missing
         raise ModelFileError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
@@ -182,11 +179,83 @@ def read_onnx_weights(path: str) -> tuple[Weights, OnnxModelInfo]:
     return weights, info
 
 
-def _linear_weight(linear: str, arrays, nbits, array) -> np.ndarray:
-    """The (in, out) float32 matrix of one linear layer, dequantized if it is MatMulNBits."""
+class _LazyTensors(collections.abc.Mapping):
+    """name -> array, each read (and re-read) only when asked for: from_named_tensors merges
+    q/k/v and gate/up per layer, so keeping every original alive would double the peak."""
+
+    def __init__(self, readers: dict):
+        self.readers = readers  # name -> () -> np.ndarray in torch (out, in) layout
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.readers[name]()
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
+        return name in self.readers
+
+    def __iter__(self):
+        return iter(self.readers)
+
+    def __len__(self) -> int:
+        return len(self.readers)
+
+
+class _Initializers:
+    """The model's initializers as numpy arrays; external ones read from their own slice of
+    the data file beside the .onnx (the proto was loaded without external data)."""
+
+    def __init__(self, model, folder: str):
+        self.tensors = {t.name: t for t in model.graph.initializer}
+        self.folder = folder
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def array(self, name: str) -> np.ndarray:
+        from onnx import TensorProto, numpy_helper  # pylint: disable=import-outside-toplevel
+
+        if name not in self.tensors:
+            raise WeightsError(f"initializer {name!r} is missing")
+        tensor = self.tensors[name]
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        return _read_external(tensor, self.folder)
+
+
+def _read_external(tensor, folder: str) -> np.ndarray:
+    """One external tensor, read with np.fromfile from offset..offset+length of its file."""
+    from onnx import helper  # pylint: disable=import-outside-toplevel
+    from onnx.external_data_helper import (  # pylint: disable=import-outside-toplevel
+        ExternalDataInfo)
+
+    ext = ExternalDataInfo(tensor)  # validates offset and length >= 0
+    folder = os.path.realpath(folder)
+    file = os.path.realpath(os.path.join(folder, ext.location))
+    if not ext.location or os.path.isabs(ext.location) or \
+            os.path.commonpath([folder, file]) != folder:
+        raise ValueError(f"initializer {tensor.name!r} has external data location "
+                         f"{ext.location!r} outside the model's folder {folder}")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    count = math.prod(tensor.dims)
+    size = os.path.getsize(file)  # OSError names the file when it is missing
+    offset = ext.offset or 0
+    length = size - offset if ext.length is None else ext.length
+    if length != count * dtype.itemsize or offset + length > size:
+        raise ValueError(f"initializer {tensor.name!r} needs bytes {offset}..{offset + length} "
+                         f"({count} x {dtype}) of {file}, which holds {size} bytes")
+    with open(file, "rb") as f:
+        f.seek(offset)
+        flat = np.fromfile(f, dtype=dtype, count=count)
+    if flat.size != count:  # the file shrank since getsize
+        raise ValueError(f"{file} ended inside initializer {tensor.name!r}")
+    return flat.astype(dtype.newbyteorder("="), copy=False).reshape(tensor.dims)
+
+
+def _linear_weight(linear: str, initializers: _Initializers, nbits) -> np.ndarray:
+    """The torch (out, in) float32 matrix of one linear layer, dequantized if MatMulNBits."""
     name = linear + MATMUL_SUFFIX
-    if name in arrays:
-        return array(name)
+    array = initializers.array
+    if name in initializers:
+        return array(name).T
     for bits in (4, 8):
         node = nbits.get(f"{name}_Q{bits}")
         if node is None:
@@ -195,7 +264,7 @@ def _linear_weight(linear: str, arrays, nbits, array) -> np.ndarray:
         zero = array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         return dequantize_matmul_nbits(array(node.input[1]), array(node.input[2]), zero,
                                        attrs["K"], attrs["N"], attrs.get("bits", 4),
-                                       attrs["block_size"])
+                                       attrs["block_size"]).T
     raise WeightsError(f"linear layer {linear!r} has neither {name!r} nor a MatMulNBits "
                        f"weight {name}_Q4 / _Q8")
 
