@@ -8,14 +8,19 @@ globs, or a folder from geb_jax.data.pretokenize with source="pretokenized"):
     c.data.source = "mixture"
     c.data.mixture = geb_mixture(c4="data/c4/*.jsonl", wudao="data/wudao/*.parquet", ...)
 
-or from the command line, one entry at a time, e.g.
-`--config.data.mixture.0.path='data/c4/*.jsonl'`.
+or as a preset: `--config configs/data_mixtures.py:mixture=geb` is configs/geb_1_3b.py
+training on GEB's table (`mixture=tinyllama`: configs/tinyllama_1_1b.py on TinyLlama's), with
+each path given on the command line, e.g. `--config.data.mixture.0.path='data/c4/*.jsonl'`.
 
 Weights are the papers' shares of the training data. `pipeline.mixture` mixes *documents* by
 weight; when documents of the sources have very different lengths, convert token shares to
 document weights with `pipeline.document_weights(shares, mean_tokens_per_document)`.
 """
 
+import os
+
+from geb_jax.config_base import parse_arg
+from geb_jax.config_loader import load_config
 from geb_jax.data.pipeline import GEB_TOKEN_SHARES, TINYLLAMA_TOKEN_SHARES
 
 # GEB-1.3B (Wu et al., 2024): share of the pretraining data per source.
@@ -46,3 +51,17 @@ def geb_mixture(source: str = "local", **paths: str) -> list[dict]:
 def tinyllama_mixture(source: str = "local", **paths: str) -> list[dict]:
     """TinyLlama's text:code = 7:3; keyword arguments text=..., code=..."""
     return _entries(TINYLLAMA_SHARES, TINYLLAMA_LANGS, paths, source)
+
+
+def get_config(arg=None):
+    """The model preset of the mixture's paper, reading that paper's mixture."""
+    arg = parse_arg(arg, mixture="geb")
+    presets = {"geb": ("geb_1_3b.py", geb_mixture), "tinyllama": ("tinyllama_1_1b.py",
+                                                               tinyllama_mixture)}
+    if arg.mixture not in presets:
+        raise ValueError(f"mixture={arg.mixture!r}: use one of {sorted(presets)}.")
+    preset, mixture = presets[arg.mixture]
+    config = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), preset))
+    config.data.source = "mixture"
+    config.data.mixture = mixture()
+    return config
