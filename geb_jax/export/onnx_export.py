@@ -47,7 +47,7 @@ from geb_jax.data.tokenizer import Tokenizer
 from geb_jax.infer import onnx_file as fmt
 from geb_jax.infer.config import InferConfig
 from geb_jax.infer.engine import Engine, rope_tables
-from geb_jax.infer.weights import Weights, WeightsError
+from geb_jax.infer.weights import Weights, WeightsError, param_leaf
 
 DEFAULT_OPSET = 17  # widely supported; the ops used here exist unchanged from 17 to 21
 SUPPORTED_OPSETS = range(17, 22)
@@ -526,19 +526,7 @@ class _ParamTreeTensors(collections.abc.Mapping):
         return len(self._index)
 
 
-def _param(params: Mapping, path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """One leaf as float32 numpy: no copy for float32 numpy or (CPU) jax arrays."""
-    node = params
-    try:
-        for key in path.split("/"):
-            node = node[key]
-    except (KeyError, TypeError):
-        raise WeightsError(f"parameter {path} is missing from params") from None
-    value = np.asarray(node, dtype=np.float32)
-    if value.shape != shape:
-        raise WeightsError(f"parameter {path} has shape {value.shape}, expected {shape} from "
-                           f"the config")
-    return value
+_param = param_leaf  # one leaf, shape-checked (geb_jax/infer/weights.py)
 
 
 def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_path: str, *,

@@ -32,6 +32,22 @@ class WeightsError(ValueError):
     """A tensor is missing, unexpected, or has a shape the config does not describe."""
 
 
+def param_leaf(params: Mapping, path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One leaf ("layers/attn/q") as float32 numpy, shape-checked against the config; no copy
+    for float32 numpy or (CPU) jax arrays."""
+    node = params
+    try:
+        for key in path.split("/"):
+            node = node[key]
+    except (KeyError, TypeError):
+        raise WeightsError(f"parameter {path} is missing from params") from None
+    value = np.asarray(node, dtype=np.float32)
+    if value.shape != shape:
+        raise WeightsError(f"parameter {path} has shape {value.shape}, expected {shape} from "
+                           f"the config")
+    return value
+
+
 def matmul(x: np.ndarray, w: Matrix, out: np.ndarray | None = None) -> np.ndarray:
     """x (rows, in) @ w (in, out), into `out` when given."""
     if isinstance(w, np.ndarray):
@@ -102,17 +118,7 @@ class Weights:
                                c.vocab_size, c.n_layers)
 
         def get(path: str, shape: tuple[int, ...]) -> np.ndarray:
-            node = params
-            try:
-                for key in path.split("/"):
-                    node = node[key]
-            except (KeyError, TypeError):
-                raise WeightsError(f"parameter {path} is missing from params") from None
-            value = np.asarray(node, dtype=np.float32)
-            if value.shape != shape:
-                raise WeightsError(f"parameter {path} has shape {value.shape}, expected {shape} "
-                                   f"from the config")
-            return value
+            return param_leaf(params, path, shape)
 
         q = get("layers/attn/q", (L, d, n, h))
         kk = get("layers/attn/k", (L, d, k, h))
