@@ -11,11 +11,12 @@ same random prompt. Engines and what each dtype means for them:
   numpy        geb_jax.infer.Engine; int8 / int4 = geb_jax.infer.quantize (layer matrices;
                embedding and lm head stay float32)
   onnxruntime  the graph of geb_jax.export.onnx_export.build_onnx_model, CPU provider;
-               int8 / int4 = com.microsoft MatMulNBits, block 32 (embedding and head float32)
+               int8 / int4 = com.microsoft MatMulNBits, block 32, accuracy_level 4 (int8
+               activations); every linear, an untied head too (embedding float32)
   torch        transformers LlamaForCausalLM on PyTorch CPU, a KV-cache loop (use_cache,
                logits of the last position only, as generate() does); f32, bf16 on request
-  llama_cpp    llama-cpp-python on geb_jax.export.gguf_export's file; f32, int8 = q8_0
-               (every matrix, lm head included, as llama.cpp quantizes), f16 on request
+  llama_cpp    llama-cpp-python on geb_jax.export.gguf_export's file; f32, int8 = q8_0,
+               int4 = q4_0 (every matrix, lm head included), f16 on request
 Combinations not listed (torch int4, ...) are not run and are named under the table.
 
 Timing. A warm-up (a 32-token prefill and 2 decode steps), then up to --repeats times: prefill
@@ -76,14 +77,15 @@ ENGINES = ("numpy", "onnxruntime", "torch", "llama_cpp")
 DTYPES = ("f32", "f16", "bf16", "int8", "int4")
 ENGINE_FORMATS = {  # engine -> {dtype column: the format that engine runs}
     "numpy": {"f32": "float32", "int8": "int8 per channel", "int4": "int4 g32 asym"},
-    "onnxruntime": {"f32": "float32 MatMul", "int8": "MatMulNBits 8b b32",
-                    "int4": "MatMulNBits 4b b32"},
+    "onnxruntime": {"f32": "float32 MatMul", "int8": "MatMulNBits 8b b32 int8-compute",
+                    "int4": "MatMulNBits 4b b32 int8-compute"},
     "torch": {"f32": "float32", "bf16": "bfloat16"},
-    "llama_cpp": {"f32": "gguf f32", "f16": "gguf f16", "int8": "gguf q8_0"},
+    "llama_cpp": {"f32": "gguf f32", "f16": "gguf f16", "int8": "gguf q8_0",
+                  "int4": "gguf q4_0"},
 }
 ENGINE_PACKAGES = {"numpy": ("numpy",), "onnxruntime": ("onnxruntime", "onnx"),
                    "torch": ("torch", "transformers"), "llama_cpp": ("llama_cpp", "gguf")}
-GGUF_DTYPES = {"f32": "f32", "f16": "f16", "int8": "q8_0"}
+GGUF_DTYPES = {"f32": "f32", "f16": "f16", "int8": "q8_0", "int4": "q4_0"}
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 WARMUP_PROMPT, WARMUP_DECODE = 32, 2
 LOGITS_SAMPLE = 32  # first logits of the prompt's last position, kept to compare engines

@@ -71,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
         stage="",  # "" = the last of config.stages
         formats="numpy,onnx,gguf,hf",
         onnx_quantize="none,int8,int4",  # one .onnx file each
-        gguf_dtypes="f16,q8_0",  # f32 | f16 | q8_0
+        onnx_accuracy_level=4,  # quantized MatMul compute: 4 = int8 activations, 0 = float32
+        gguf_dtypes="f16,q8_0",  # f32 | f16 | q8_0 | q4_0
         out=""))  # "" = <workdir>/export
 
     # Per-stage differences, nested like the config (train/stages.py merges them).

@@ -213,7 +213,7 @@ for mode in (None, "int4"):  # a small export first, so that imports are not cou
         f.write("5")  # resets VmHWM
     before = rss_bytes("VmRSS")
     export_onnx(params, config, tokenizer, f"{folder}/{mode or 'float32'}.onnx", quantize=mode,
-                external_data_threshold=0, verify=False)
+                accuracy_level=0, external_data_threshold=0, verify=False)
     out[mode or "float32"] = rss_bytes("VmHWM") - before
 print(json.dumps(out))
 """
@@ -348,7 +348,7 @@ def test_quantized_exports_match_dequantized_engine_and_change_perplexity_little
     ids = _prompt(2, 12, seed=5)
     for mode, bits in (("int8", 8), ("int4", 4)):
         qpath = export_onnx(params, config, tokenizer.path, str(tmp_path / f"{mode}.onnx"),
-                            quantize=mode)
+                            quantize=mode, accuracy_level=0)
         sizes[mode] = os.path.getsize(qpath)
         weights, info = read_onnx_weights(qpath)
         assert info.quantization == mode
@@ -373,6 +373,22 @@ def test_quantized_exports_match_dequantized_engine_and_change_perplexity_little
         # the logit perturbation measured on the same tokens.
         shift = np.abs(q_logits - float_logits).max(axis=-1).mean()
         assert abs(nll[mode] - nll["float32"]) <= 2 * shift + 1e-9
+        # The default, accuracy_level 4, also rounds each 32-value activation block to int8
+        # (a step of max|x|/127): the same weights, logits a little further from the engine's.
+        fast = export_onnx(params, config, tokenizer.path, str(tmp_path / f"{mode}-l4.onnx"),
+                           quantize=mode)
+        fast_model = onnx.load(fast, load_external_data=False)
+        levels = {a.i for n in fast_model.graph.node if n.op_type == "MatMulNBits"
+                  for a in n.attribute if a.name == "accuracy_level"}
+        assert levels == {4}
+        assert [n.op_type for n in fast_model.graph.node if "lm_head" in n.name] == \
+            ["MatMulNBits", "Identity"]  # the untied head is quantized too
+        fast_session = ort_session(fast)
+        fast_logits = _run(fast_session, ort_feed(config, ids))["logits"]
+        rel = np.abs(fast_logits - engine).max() / np.abs(engine).max()
+        # measured 3.4-3.6 % of the largest logit here; a packing or scale bug moves ~100 %
+        assert 0 < _record(f"{mode}_level4_vs_dequantized_engine_rel", rel) < 0.1
+        nll[f"{mode}_level4"] = _nll(_held_out_logits(fast_session, config, held_out), held_out)
     ppl = {mode: float(np.exp(v)) for mode, v in nll.items()}
     MEASURED.update({f"size_{k}": v for k, v in sizes.items()})
     MEASURED.update({f"ppl_{k}": v for k, v in ppl.items()})
@@ -385,6 +401,8 @@ def test_quantized_exports_match_dequantized_engine_and_change_perplexity_little
     # model is judged with the perplexity eval, not here.
     assert abs(ppl["int8"] / ppl["float32"] - 1) < 0.01
     assert abs(ppl["int4"] / ppl["float32"] - 1) < 0.10
+    assert abs(ppl["int8_level4"] / ppl["float32"] - 1) < 0.01
+    assert abs(ppl["int4_level4"] / ppl["float32"] - 1) < 0.10
 
 
 def test_export_mismatch_raises_and_leaves_nothing(exports, tokenizer, tmp_path, monkeypatch):
@@ -395,6 +413,9 @@ def test_export_mismatch_raises_and_leaves_nothing(exports, tokenizer, tmp_path,
                         lambda n, h, theta: real(n, h, theta * 2))  # a wrong graph
     with pytest.raises(OnnxExportError, match="differ from the numpy engine"):
         export_onnx(params, config, tokenizer.path, str(tmp_path / "bad.onnx"))
+    # int8 compute is checked through its float-compute twin, to the same tight tolerance
+    with pytest.raises(OnnxExportError, match="at accuracy_level 0 differ"):
+        export_onnx(params, config, tokenizer.path, str(tmp_path / "bad.onnx"), quantize="int8")
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
     path = export_onnx(params, config, tokenizer.path, str(tmp_path / "ok.onnx"))
@@ -402,6 +423,9 @@ def test_export_mismatch_raises_and_leaves_nothing(exports, tokenizer, tmp_path,
         export_onnx(params, config, tokenizer.path, path)
     with pytest.raises(OnnxExportError, match="quantize='int3'"):
         export_onnx(params, config, tokenizer.path, path, quantize="int3", overwrite=True)
+    with pytest.raises(OnnxExportError, match="accuracy_level=5"):
+        export_onnx(params, config, tokenizer.path, path, quantize="int8", accuracy_level=5,
+                    overwrite=True)
 
 
 def test_truncated_random_and_foreign_files_raise_model_file_error(exports, tmp_path):

@@ -5,8 +5,9 @@ names, the q/k row permutation for llama.cpp's interleaved RoPE). Here we follow
 llama.cpp's convert_hf_to_gguf.py does for a Llama with a SentencePiece tokenizer:
 
 * tensors come from `hf_state_dict_from_params` ([out, in] rows); 1-D norms stay float32 in
-  every mode; matrices are f32, f16 or q8_0 (gguf's reference `gguf.quants.quantize`), and a
-  matrix whose rows are not a multiple of the 32-value q8_0 block falls back to f16, as the
+  every mode; matrices are f32, f16, q8_0 or q4_0 (gguf's reference `gguf.quants.quantize`;
+  q4_0 quantizes every matrix, the output too, where llama-quantize keeps output at q6_K), and
+  a matrix whose rows are not a multiple of the 32-value block falls back to f16, as the
   converter does. A tied model has no `output.weight` (llama.cpp then reuses token_embd).
 * the vocabulary (pieces, scores, types) is read from the SentencePiece proto; a model vocab
   larger than the tokenizer's is padded with unused "[PADi]" tokens. add_space_prefix mirrors
@@ -43,7 +44,8 @@ Q = gguf.GGMLQuantizationType
 # dtype argument -> (ggml type of the matrices, general.file_type)
 DTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
           "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-          "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+          "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+          "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
 END_OF_TURN = "<|end|>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -136,11 +138,11 @@ def _add_metadata(w: gguf.GGUFWriter, c: ModelConfig, vocab: _Vocab, name: str,
 
 
 def _ggml_type(array_shape: tuple[int, ...], matrix_type: Q) -> Q:
-    """Norms stay f32; q8_0 needs rows that are whole 32-value blocks (else f16, as llama.cpp's
-    converter falls back)."""
+    """Norms stay f32; q8_0 / q4_0 need rows that are whole 32-value blocks (else f16, as
+    llama.cpp's converter falls back)."""
     if len(array_shape) == 1:
         return Q.F32
-    if matrix_type == Q.Q8_0 and array_shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+    if matrix_type in (Q.Q8_0, Q.Q4_0) and array_shape[-1] % gguf.GGML_QUANT_SIZES[matrix_type][0]:
         return Q.F16
     return matrix_type
 
@@ -154,7 +156,8 @@ def _llama_cpp_layout(hf_name: str, value: np.ndarray, c: ModelConfig) -> np.nda
 
 
 def _encode(value: np.ndarray, qtype: Q) -> np.ndarray:
-    """float32 (rows, cols) -> the bytes-bearing array gguf writes (f32, f16 or q8_0 uint8)."""
+    """float32 (rows, cols) -> the bytes-bearing array gguf writes (f32, f16 or q8_0/q4_0
+    uint8)."""
     return np.ascontiguousarray(gguf.quants.quantize(value.astype(np.float32), qtype))
 
 
@@ -192,7 +195,7 @@ def export_gguf(params: Mapping, model_config: ModelConfig | Mapping[str, Any],
 
     params: our float32 tree (geb_jax.model.init_params layout); model_config: ModelConfig or
     its dict; tokenizer_path: the SentencePiece .model the model was trained with;
-    dtype: "f32", "f16" or "q8_0" for the matrices (norms stay f32).
+    dtype: "f32", "f16", "q8_0" or "q4_0" for the matrices (norms stay f32).
     """
     if dtype not in DTYPES:
         raise GGUFExportError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
@@ -221,7 +224,7 @@ def export_gguf(params: Mapping, model_config: ModelConfig | Mapping[str, Any],
             gg_name = gguf_tensor_name(hf_name)
             shape, np_dtype, nbytes = _stored_shape(value.shape, qtype)
             writer.add_tensor_info(gg_name, shape, np_dtype, nbytes,
-                                   raw_dtype=qtype if qtype == Q.Q8_0 else None)
+                                   raw_dtype=qtype if qtype in (Q.Q8_0, Q.Q4_0) else None)
             plan.append((hf_name, gg_name, qtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

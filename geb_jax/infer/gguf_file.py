@@ -5,7 +5,7 @@ Read this first: GGUF stores each matrix as torch's [out, in] rows under llama.c
 Hugging Face rotate halves (i, i + H/2). So the q and k rows of every head are permuted on the
 way out (`rope_rows_to_interleaved`, as llama.cpp's convert_hf_to_gguf.py does) and back on the
 way in. geb_jax/export/gguf_export.py writes the files; `load_gguf` reads ours or any plain
-llama GGUF in f32 / f16 / q8_0 (dequantized with gguf's reference `gguf.quants.dequantize`).
+llama GGUF in f32 / f16 / q8_0 / q4_0 (dequantized with gguf's reference `gguf.quants.dequantize`).
 Numpy and the `gguf` package only: no jax, so the serving package can import it.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ ARCHITECTURE = "llama"
 # The exporter also stores the original SentencePiece model (base64 of the serialized proto)
 # under this key, so the numpy engine gets back the exact tokenizer; llama.cpp ignores it.
 SENTENCEPIECE_MODEL_KEY = "geb_jax.tokenizer.sentencepiece_model"
-SUPPORTED_TYPES = ("F32", "F16", "Q8_0")
+SUPPORTED_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
 
 # Per-layer tensors: Hugging Face suffix (after "model.layers.{i}.") -> GGUF name (after
 # "blk.{i}."); then the global ones. Every name ends in ".weight" in both.
@@ -176,14 +176,14 @@ def _dense(tensor, path: str) -> np.ndarray:
     if kind not in SUPPORTED_TYPES:
         raise GGUFFileError(f"{path}: tensor {tensor.name!r} is {kind}; the numpy engine reads "
                             f"{', '.join(SUPPORTED_TYPES)} (re-quantize with llama-quantize or "
-                            f"re-export with dtype f32/f16/q8_0).")
+                            f"re-export with dtype f32/f16/q8_0/q4_0).")
     shape = tuple(int(s) for s in reversed(tensor.shape))  # ggml ne is (cols, rows)
     return gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type
                                   ).astype(np.float32).reshape(shape)
 
 
 def load_gguf(path: str | os.PathLike) -> GGUFModel:
-    """A llama GGUF (f32 / f16 / q8_0 tensors) -> float32 numpy-engine Weights.
+    """A llama GGUF (f32 / f16 / q8_0 / q4_0 tensors) -> float32 numpy-engine Weights.
 
     q/k rows are put back into the rotate-half layout; the config comes from the llama.*
     metadata (tied embeddings when there is no `output.weight`). A truncated or corrupt file,

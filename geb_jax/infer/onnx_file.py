@@ -50,6 +50,7 @@ META_CHAT_NAME = "geb_jax.chat_template_name"
 META_CHAT_DESCRIPTION = "geb_jax.chat_template_description"
 META_QUANTIZATION = "geb_jax.quantization"  # "none", "int8" or "int4"
 META_BLOCK_SIZE = "geb_jax.block_size"
+META_ACCURACY_LEVEL = "geb_jax.accuracy_level"  # MatMulNBits compute: "0" float32, "4" int8
 MATMUL_SUFFIX = ".MatMul.weight"  # float (in, out); MatMulNBits adds _Q4 / _Q8, _scales, ...
 TOKENIZER_FILE = "tokenizer.model"  # written beside the .onnx by the exporter
 
