@@ -1,7 +1,19 @@
-"""The Llama-family decoder: a frozen config and the pure `apply` built from it."""
-from geb_jax.model.config import ConfigError, ModelConfig
-from geb_jax.model.transformer import (Transformer, abstract_params, init_params, make_apply,
-                                       param_logical_axes)
+"""The Llama-family decoder: a frozen config and the pure `apply` built from it.
 
-__all__ = ["ConfigError", "ModelConfig", "Transformer", "abstract_params", "init_params",
-           "make_apply", "param_logical_axes"]
+The config is imported eagerly and the JAX modules on first use, so that jax-free code (the
+numpy engine in geb_jax/infer) can share `ModelConfig` without importing JAX.
+"""
+import importlib
+
+from geb_jax.model.config import ConfigError, ModelConfig
+
+_FROM_TRANSFORMER = ("Transformer", "abstract_params", "init_params", "make_apply",
+                     "param_logical_axes")
+
+__all__ = ["ConfigError", "ModelConfig", *_FROM_TRANSFORMER]
+
+
+def __getattr__(name: str):
+    if name in _FROM_TRANSFORMER:
+        return getattr(importlib.import_module("geb_jax.model.transformer"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,7 +44,7 @@ class ModelConfig:
                     "d_ff", "max_seq_len")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}.")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
