@@ -142,7 +142,8 @@ def _ggml_type(array_shape: tuple[int, ...], matrix_type: Q) -> Q:
     llama.cpp's converter falls back)."""
     if len(array_shape) == 1:
         return Q.F32
-    if matrix_type in (Q.Q8_0, Q.Q4_0) and array_shape[-1] % gguf.GGML_QUANT_SIZES[matrix_type][0]:
+    block = gguf.GGML_QUANT_SIZES[matrix_type][0]
+    if matrix_type in (Q.Q8_0, Q.Q4_0) and array_shape[-1] % block:
         return Q.F16
     return matrix_type
 
