@@ -59,8 +59,8 @@ EXTERNAL_ALIGN = 4096  # page-aligned offsets, as onnx.save aligns, so onnxrunti
 QUANT_BITS = {"int8": 8, "int4": 4}
 # MatMulNBits accuracy_level: 0 dequantizes the weights to float32 and multiplies in float32
 # (exact to the dequantized weights, slow for 8 bits); 4 quantizes each activation block to
-# int8 and multiplies in int8 (llama.cpp's scheme: q8_0 activations); in a one-matmul probe
-# on 2 AVX2 cores, 3x faster for 4 bits and ~70x for 8 bits.
+# int8 and multiplies in int8 (llama.cpp's scheme: q8_0 activations); 4-5x faster for 4 bits
+# and ~40x for 8 bits at batch 1 on 2 AVX2 cores (experiments/probe_matmulnbits.py).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_ACCURACY_LEVEL = 4
 VERIFY_TEXT = "The quick brown fox jumps over the lazy dog."
