@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from geb_jax.eval.scorer import (Request, check_generation_room, loglikelihood_rolling,
+from geb_jax.eval.scorer import (Request, RollingLoglikelihood, check_generation_room,
                                  truncate_request)
 from geb_jax.infer import Engine, generate
 
 
-class EngineLanguageModel:
+class EngineLanguageModel(RollingLoglikelihood):
     def __init__(self, engine: Engine, tokenizer, batch_size: int = 8):
         self.engine, self.tokenizer, self.batch_size = engine, tokenizer, int(batch_size)
         self.max_length = engine.max_len
@@ -24,10 +24,6 @@ class EngineLanguageModel:
                  for i, (c, x) in enumerate(requests)]
         return self.engine.score([c for c, _ in pairs], [x for _, x in pairs],
                                  batch_size=self.batch_size)
-
-    def loglikelihood_rolling(self, documents: Sequence[Sequence[int]],
-                              stride: int | None = None) -> list[float]:
-        return loglikelihood_rolling(self, documents, stride)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_tokens: int,
                  stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,

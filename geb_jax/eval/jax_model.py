@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geb_jax.eval.scorer import (Request, check_generation_room, cut_at_stop,
-                                 loglikelihood_rolling, truncate_request)
+from geb_jax.eval.scorer import (Request, RollingLoglikelihood, check_generation_room,
+                                 cut_at_stop, truncate_request)
 from geb_jax.model import ModelConfig, make_apply
 
 MIN_BUCKET = 16
@@ -83,7 +83,7 @@ def _compiled(model_config: ModelConfig):
     return jax.jit(token_scores), jax.jit(decode)
 
 
-class JaxLanguageModel:
+class JaxLanguageModel(RollingLoglikelihood):
     """LanguageModel over `params` (float32 tree from init_params / a checkpoint).
 
     max_length: positions read at once (default and maximum: model_config.max_seq_len).
@@ -125,10 +125,6 @@ class JaxLanguageModel:
                 results[i] = (float(np.sum(logp_bt[row, span], dtype=np.float64)),
                               bool(np.all(greedy_bt[row, span])))
         return results  # type: ignore[return-value]
-
-    def loglikelihood_rolling(self, documents: Sequence[Sequence[int]],
-                              stride: int | None = None) -> list[float]:
-        return loglikelihood_rolling(self, documents, stride)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_tokens: int,
                  stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,

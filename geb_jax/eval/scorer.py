@@ -77,6 +77,15 @@ def loglikelihood_rolling(model: LanguageModel, documents: Sequence[Sequence[int
     return totals
 
 
+class RollingLoglikelihood:
+    """Mixin: `loglikelihood_rolling` through the model's own `loglikelihood` (above), for
+    backends that have no faster way to score whole documents."""
+
+    def loglikelihood_rolling(self, documents: Sequence[Sequence[int]],
+                              stride: int | None = None) -> list[float]:
+        return loglikelihood_rolling(self, documents, stride)
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(bos + context ids, continuation ids) the way lm-eval's `_encode_pair` splits them.
 

@@ -17,6 +17,7 @@ import numpy as np
 import safetensors.numpy
 
 from geb_jax.atomic_folder import atomic_folder
+from geb_jax.infer.weights import WeightsError, param_leaf
 from geb_jax.model.config import ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -230,18 +231,12 @@ def params_from_hf_state_dict(state: Mapping[str, Any], config: ModelConfig, *,
 
 
 def _ours(params: Mapping, path: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-    """One of our parameters as contiguous float32 numpy, with its shape checked."""
-    node = params
+    """One of our parameters as float32 numpy, shape-checked (infer/weights.py's reader), with
+    this module's error type."""
     try:
-        for key in path:
-            node = node[key]
-    except KeyError:
-        raise CheckpointError(f"Parameter {'/'.join(path)} is missing from params.") from None
-    value = np.asarray(node, dtype=np.float32)
-    if value.shape != shape:
-        raise CheckpointError(f"Parameter {'/'.join(path)} has shape {value.shape}, expected "
-                              f"{shape} from the config.")
-    return value
+        return param_leaf(params, "/".join(path), shape)
+    except WeightsError as e:
+        raise CheckpointError(f"{str(e)[0].upper()}{str(e)[1:]}.") from None
 
 
 def hf_state_dict_from_params(params: Mapping, config: ModelConfig) -> dict[str, np.ndarray]:
