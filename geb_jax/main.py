@@ -50,8 +50,10 @@ def main(argv):
     from geb_jax.data.tokenizer import TokenizerError
     from geb_jax.export.command import export_stage
     from geb_jax.export.gguf_export import GGUFExportError
+    from geb_jax.export.hf import CheckpointError as HFCheckpointError
     from geb_jax.export.onnx_export import OnnxExportError
     from geb_jax.infer import ModelFileError, WeightsError
+    from geb_jax.infer.gguf_file import GGUFFileError
     from geb_jax.parallel import distributed
     from geb_jax.train.stages import run_stages
     logging.set_verbosity(logging.WARNING)
@@ -65,7 +67,7 @@ def main(argv):
         else:
             raise ConfigError(f"config.mode={config.mode!r}: use train or export.")
     except (ConfigError, TokenizerError, CheckpointError, SourceError, ModelFileError,
-            WeightsError, OnnxExportError, GGUFExportError) as e:
+            WeightsError, OnnxExportError, GGUFExportError, GGUFFileError, HFCheckpointError) as e:
         sys.exit(f"error: {e}")
 
 

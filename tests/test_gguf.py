@@ -23,6 +23,7 @@ from geb_jax.infer import Engine, Weights
 from geb_jax.infer.gguf_file import GGUFFileError, load_gguf
 from geb_jax.model import ModelConfig, abstract_params, init_params
 from geb_jax.model.config import ConfigError
+from tests import llama_cpp_runner
 
 TOKENIZER_VOCAB = 512
 F16_REL = 2.0 ** -11  # half an ulp of float16's 10-bit mantissa
@@ -399,11 +400,8 @@ def test_export_replaces_atomically_and_leaves_no_temp_files(tmp_path, model, to
 # ---- llama.cpp itself -----------------------------------------------------------------------
 
 def _llama_cpp_logits(path: str, ids: list[int]) -> np.ndarray:
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True,
-                          verbose=False, n_threads=1, type_k=0, type_v=0)  # 0 = GGML_TYPE_F32
-    llm.eval(ids)
-    return np.array(llm.scores[:len(ids)], dtype=np.float64)
+    """llama.cpp in a child process (tests/llama_cpp_runner.py), float32 KV cache."""
+    return llama_cpp_runner.logits(path, [ids])[0].astype(np.float64)
 
 
 # Bounds relative to the largest logit. llama.cpp's CPU matmuls convert the activations to the
@@ -416,7 +414,6 @@ LLAMA_CPP_REL = {"f32": 1e-3, "f16": 3e-3, "q8_0": 3e-2, "q4_0": 3e-2}
 
 def test_llama_cpp_logits_match_numpy_engine(exported, tokenizer, tmp_path):
     """llama.cpp on our file == the numpy engine on the weights read back from it."""
-    pytest.importorskip("llama_cpp")
     ids = _prompt(tokenizer)
     cases = [(exported[dtype], dtype) for dtype in ("f32", "f16", "q8_0", "q4_0")]
     tied = _config(tie_embeddings=True)
@@ -430,16 +427,15 @@ def test_llama_cpp_logits_match_numpy_engine(exported, tokenizer, tmp_path):
 
 
 def test_llama_cpp_tokenizes_like_geb_jax(exported, tokenizer):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=exported["f32"], n_ctx=64, vocab_only=True, verbose=False)
-    for text in ("Hello world, hello again.", "def f(x):\n    return x  # 你好",
-                 "<|user|>hi<|end|><|assistant|>"):
-        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) == \
-            tokenizer.encode(text, add_bos=True), text
+    texts = ["Hello world, hello again.", "def f(x):\n    return x  # 你好",
+             "<|user|>hi<|end|><|assistant|>"]
     conversation = [{"role": "user", "content": "hi"}]
     rendered = render_chat(conversation, add_generation_prompt=True)
-    assert llm.tokenize(rendered.encode(), add_bos=True, special=True) == \
-        chat_prompt(tokenizer, conversation)
+    got = llama_cpp_runner.tokenize(exported["f32"], texts + [rendered])
+    bos = [tokenizer.bos_id]
+    for text, ids in zip(texts, got):  # the runner adds no bos; llama.cpp would add ours
+        assert bos + ids == tokenizer.encode(text, add_bos=True), text
+    assert bos + got[-1] == chat_prompt(tokenizer, conversation)
 
 
 def test_load_model_reads_our_gguf_with_its_embedded_tokenizer(tmp_path):

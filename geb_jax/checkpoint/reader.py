@@ -3,10 +3,11 @@
     stage = read_stage("runs/tiny/sft")            # newest usable step
     stage.params, stage.model_config, stage.step   # numpy tree, ModelConfig, int
     stage.config                                   # the run config saved with that step
-    stage.tokenizer_path                           # runs/tiny/tokenizer.model, or None
+    stage.tokenizer_path                           # runs/tiny/tokenizer.model (or tokenizer/)
 
 Layout (written by training, see manager.py): <workdir>/<stage>/checkpoints/<step>/{state,
-data_state, config, meta} and <workdir>/tokenizer.model.
+data_state, config, meta} and <workdir>/tokenizer.model (ours) or <workdir>/tokenizer/ (a
+published model's, data/tokenizer_files.py).
 
 Why not `Checkpointer.restore`: creating a Checkpointer deletes leftover temporary step
 folders (orbax's cleanup_tmp_directories), and one of those may be the save in flight of a run
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
-TOKENIZER_FILE = "tokenizer.model"  # training copies the run's tokenizer into the workdir
 PARAMS_KEY = "params"  # the parameters' subtree of the saved train state
 
 
@@ -50,7 +50,8 @@ class StageCheckpoint:
     params: the model's parameter tree of numpy arrays (dtypes as saved).
     config: the run config saved with the step (ConfigDict.to_dict()); model_config is built
       from its "model" section.
-    tokenizer_path: <workdir>/tokenizer.model, or None when the workdir has none.
+    tokenizer_path: <workdir>/tokenizer.model or <workdir>/tokenizer/, or None when the
+      workdir has none.
     """
     params: Any
     model_config: "ModelConfig"
@@ -117,11 +118,11 @@ def read_stage(stage_dir: str | os.PathLike, step: int | None = None) -> StageCh
             if problems:
                 logger.warning("Read checkpoint step %d in %s after skipping %s.",
                                s, checkpoints, [p[0] for p in problems])
-            tokenizer = os.path.join(os.path.dirname(stage_dir), TOKENIZER_FILE)
+            from geb_jax.data.tokenizer_files import tokenizer_in
             return StageCheckpoint(params=params,
                                    model_config=ModelConfig.from_dict(config["model"]),
                                    config=config, step=s, stage_dir=stage_dir,
-                                   tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None)
+                                   tokenizer_path=tokenizer_in(os.path.dirname(stage_dir)))
         problems.append((s, problem))
         if step is None:
             logger.warning("Checkpoint step %d in %s is unusable: %s. Falling back to the "

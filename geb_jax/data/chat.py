@@ -20,12 +20,18 @@ It is laid out as ::
 * Content is encoded so that it can never produce a role token: a literal "<|user|>" typed by a
   user is spelled with byte pieces (it still decodes to the same text). `Tokenizer.encode` alone
   would turn it into the special id, which would let message text forge turns.
+
+A published model's tokenizer carries its own Jinja chat template (`tokenizer.chat_template`,
+from the GGUF or tokenizer_config.json): then the same functions render that template instead
+(geb_jax.data.chat_template), with the mask on each assistant reply and its end-of-turn text,
+so SFT, DPO, evaluation and the chat CLI speak the model's own format.
 """
 from __future__ import annotations
 
 import re
 from typing import Any, Mapping, Sequence
 
+from geb_jax.data import chat_template
 from geb_jax.data.tokenizer import CHAT_ROLE_TOKENS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -82,10 +88,25 @@ def _role_id(tokenizer: Tokenizer, role: str) -> int:
     return tokenizer.piece_to_id(ROLE_TOKENS[role])
 
 
+def uses_template(tokenizer) -> bool:
+    """True for a published model's tokenizer with its own chat template."""
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def reply_stop_ids(tokenizer) -> tuple[int, ...]:
+    """Ids that end an assistant reply: ``<|end|>`` and eos, or the model's end-of-turn ids."""
+    if uses_template(tokenizer):
+        return tuple(tokenizer.stop_ids)
+    return (tokenizer.end_id, tokenizer.eos_id)
+
+
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], *, add_bos: bool = True,
                 add_eos: bool = True) -> tuple[list[int], list[int]]:
-    """(ids, assistant_mask): mask 1 exactly on assistant contents and their ``<|end|>``."""
+    """(ids, assistant_mask): mask 1 exactly on assistant contents and their ``<|end|>``
+    (with a model's template: its end-of-turn text; bos/eos as that template writes them)."""
     messages = validate_messages(messages)
+    if uses_template(tokenizer):
+        return chat_template.template_encode_chat(tokenizer, messages)
     ids: list[int] = [tokenizer.bos_id] if add_bos else []
     mask: list[int] = [0] * len(ids)
     for m in messages:
@@ -104,12 +125,18 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], *, add_bos: b
 def chat_prompt(tokenizer: Tokenizer, messages: Sequence[Message], *,
                 add_bos: bool = True) -> list[int]:
     """Ids of the messages followed by ``<|assistant|>``: what a model continues to reply."""
+    if uses_template(tokenizer):
+        return chat_template.template_chat_prompt(tokenizer, validate_messages(messages))
     ids, _ = encode_chat(tokenizer, messages, add_bos=add_bos, add_eos=False)
     return ids + [tokenizer.assistant_id]
 
 
-def encode_reply(tokenizer: Tokenizer, text: str) -> list[int]:
-    """An assistant reply as it follows `chat_prompt`: its content then ``<|end|>``."""
+def encode_reply(tokenizer: Tokenizer, text: str,
+                 prompt_messages: Sequence[Message] = ()) -> list[int]:
+    """An assistant reply as it follows `chat_prompt(prompt_messages)`: its content then
+    ``<|end|>`` (a template's reply may depend on the conversation, so it is passed too)."""
     if not isinstance(text, str):
         raise ValueError(f"a reply must be a str, got {type(text).__name__}")
+    if uses_template(tokenizer):
+        return chat_template.template_encode_reply(tokenizer, list(prompt_messages), text)
     return encode_content(tokenizer, text) + [tokenizer.end_id]

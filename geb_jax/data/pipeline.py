@@ -453,9 +453,10 @@ def dpo_example(tokenizer: Tokenizer, pair: Mapping[str, Any], seq_len: int,
     the same for chosen and rejected, so the two prompts stay identical); replies are only
     right-truncated when even a 2-token prompt (bos, <|assistant|>) would not leave room.
     """
-    prompt = chat_prompt(tokenizer, _prompt_messages(pair["prompt"], "pair"))
-    chosen = encode_reply(tokenizer, pair["chosen"])
-    rejected = encode_reply(tokenizer, pair["rejected"])
+    messages = _prompt_messages(pair["prompt"], "pair")
+    prompt = chat_prompt(tokenizer, messages)
+    chosen = encode_reply(tokenizer, pair["chosen"], messages)
+    rejected = encode_reply(tokenizer, pair["rejected"], messages)
     row_len = seq_len + 1
     if len(prompt) + max(len(chosen), len(rejected)) > row_len:
         min_prompt = min(len(prompt), 2)

@@ -200,6 +200,15 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer model file {path} has an empty vocabulary")
         return cls(sp, path)
 
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the serialized model to `path` (a .model file) atomically; returns the path."""
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(self._sp.serialized_model_proto())
+        os.replace(tmp, path)
+        return path
+
     # -- ids ------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from geb_jax.data.chat import chat_prompt
+from geb_jax.data.chat import chat_prompt, reply_stop_ids
 from geb_jax.eval.scorer import LanguageModel
 
 
@@ -76,7 +76,7 @@ def evaluate_sft_generation(model: LanguageModel, conversations: Sequence[dict],
         raise ValueError("evaluate_sft_generation needs at least one conversation")
     prompts = [chat_prompt(tok, messages) for messages, _, _ in problems]
     refs = [normalize(r) for _, r, _ in problems]
-    options = dict(max_tokens=max_tokens, stop_token_ids=(tok.end_id, tok.eos_id))
+    options = dict(max_tokens=max_tokens, stop_token_ids=reply_stop_ids(tok))
     greedy = [normalize(t) for t in model.generate(prompts, temperature=0.0, **options)]
     exact = [float(g == r) for g, r in zip(greedy, refs)]
     by_task: dict[str, list[float]] = {}

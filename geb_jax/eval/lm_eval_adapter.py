@@ -43,8 +43,10 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from geb_jax.checkpoint.reader import TOKENIZER_FILE, read_stage, stages_with_checkpoints
-from geb_jax.data.chat import render_chat
+from geb_jax.checkpoint.reader import read_stage, stages_with_checkpoints
+from geb_jax.data.tokenizer_files import SENTENCEPIECE_FILE, load_tokenizer
+from geb_jax.data.chat import render_chat, reply_stop_ids, uses_template
+from geb_jax.data.chat_template import render_template
 from geb_jax.data.tokenizer import Tokenizer
 from geb_jax.infer import Engine, SamplingParams, Weights, generate, load_model, quantize_weights
 
@@ -125,11 +127,11 @@ def load_for_eval(pretrained: str, stage: str | None = None, step: int | None = 
     checkpoint = _read_checkpoint(stage_dir, step)
     weights = Weights.from_params(checkpoint.params, checkpoint.config["model"])
     tokenizer_path = tokenizer or checkpoint.tokenizer_path
-    if tokenizer_path is None or not os.path.isfile(tokenizer_path):
-        missing = tokenizer_path or os.path.join(checkpoint.workdir, TOKENIZER_FILE)
+    if tokenizer_path is None or not os.path.exists(tokenizer_path):
+        missing = tokenizer_path or os.path.join(checkpoint.workdir, SENTENCEPIECE_FILE)
         raise ModelArgsError(f"tokenizer file {missing} not found (training copies the run's "
                              f"tokenizer there); pass tokenizer=<file.model>")
-    tok = Tokenizer.load(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     tok.check_matches_model(weights.config.vocab_size, allow_padding=True)
     info = {"model_source": checkpoint.stage_dir, "checkpoint_step": checkpoint.step}
     return quantize_weights(weights, quantize), tok, info
@@ -177,7 +179,7 @@ class GebJaxLM(TemplateLM):
         self.add_bos_token = bool(add_bos_token)
         self.seed = int(seed)
         self.batch_size = _batch_size(batch_size)
-        self.stop_token_ids = (self.tokenizer.eos_id, self.tokenizer.end_id)
+        self.stop_token_ids = reply_stop_ids(self.tokenizer)
 
     # -- what lm_eval reads ---------------------------------------------------------------------
     @property
@@ -222,11 +224,16 @@ class GebJaxLM(TemplateLM):
     # -- chat (for --apply_chat_template; the layout SFT trains on) -----------------------------
     def apply_chat_template(self, chat_history: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
+        if uses_template(self.tokenizer):
+            return render_template(self.tokenizer.chat_template, chat_history,
+                                   add_generation_prompt=add_generation_prompt)
         return render_chat(chat_history, add_generation_prompt=add_generation_prompt)
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         if chat_template is False or chat_template is None:
             return None
+        if uses_template(self.tokenizer):
+            return self.tokenizer.chat_template
         return "geb_jax.data.chat.render_chat: <|role|>content<|end|> ... <|assistant|>"
 
     # -- scoring --------------------------------------------------------------------------------

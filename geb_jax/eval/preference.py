@@ -33,8 +33,8 @@ def pair_requests(tokenizer, pairs: Sequence[dict], max_length: int
                     else validate_messages(prompt, what=f"pair {i} prompt"))
         ids = chat_prompt(tokenizer, messages)
         room = max_length - 1  # (bos, <|assistant|>) + reply <= max_length + 1 ids
-        requests += [(ids, encode_reply(tokenizer, pair["chosen"])[:room]),
-                     (ids, encode_reply(tokenizer, pair["rejected"])[:room])]
+        requests += [(ids, encode_reply(tokenizer, pair["chosen"], messages)[:room]),
+                     (ids, encode_reply(tokenizer, pair["rejected"], messages)[:room])]
     return requests
 
 

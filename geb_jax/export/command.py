@@ -5,11 +5,14 @@ checkpoint of one stage, each written atomically and re-read/checked by its writ
     <workdir>/export/onnx/model.onnx   (+ model-int8.onnx, model-int4.onnx, tokenizer.model)
     <workdir>/export/gguf/model-f16.gguf, model-q8_0.gguf   (llama.cpp, ollama; also q4_0)
     <workdir>/export/hf/               config.json + model.safetensors + tokenizer.model
+
+A model that came in from a GGUF file or an HF folder (configs/pretrained.py) keeps its own
+tokenizer and chat template: tokenizer/ (tokenizer.json + tokenizer_config.json) beside the
+numpy and ONNX files, the same two files in the HF folder, its vocabulary in the GGUF.
 """
 from __future__ import annotations
 
 import os
-import shutil
 
 import ml_collections
 
@@ -37,10 +40,11 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
     stage = config.export.stage or _split(config.stages)[-1]
     stage_cfg = stage_config(config, stage)
     model_config = ModelConfig.from_dict(stage_cfg.model)
-    tokenizer_path = os.path.join(config.workdir, "tokenizer.model")
-    if not os.path.isfile(tokenizer_path):
-        raise ConfigError(f"{tokenizer_path} not found: train the run first (config.workdir="
-                          f"{config.workdir!r}), then export.")
+    from geb_jax.data.tokenizer_files import tokenizer_in  # pylint: disable=import-outside-toplevel
+    tokenizer_path = tokenizer_in(config.workdir)
+    if tokenizer_path is None:
+        raise ConfigError(f"no tokenizer.model (or tokenizer/) in {config.workdir}: train the "
+                          f"run first (config.workdir={config.workdir!r}), then export.")
     params = _final_params(stage_cfg, model_config, stage_dir(config, stage), inputs)
     out = config.export.out or os.path.join(config.workdir, "export")
     log(f"[export] {stage} stage of {config.workdir} -> {out}")
@@ -67,10 +71,8 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
     if "hf" in formats:
         from geb_jax.export.hf import save_hf_checkpoint  # pylint: disable=import-outside-toplevel
         path = os.path.join(out, "hf")
-        save_hf_checkpoint(model_config, params, path, overwrite=True)
-        shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.model.tmp"))
-        os.replace(os.path.join(path, "tokenizer.model.tmp"),
-                   os.path.join(path, "tokenizer.model"))
+        save_hf_checkpoint(model_config, params, path, overwrite=True,
+                           tokenizer_path=tokenizer_path)
         written["hf"] = path
     for what, path in written.items():
         log(f"[export] {what}: {path}")

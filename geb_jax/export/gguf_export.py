@@ -17,6 +17,10 @@ llama.cpp's convert_hf_to_gguf.py does for a Llama with a SentencePiece tokenize
   (no BOS inside: llama.cpp adds it). It cannot reproduce one detail of encode_chat: a
   role-token string typed inside a message is escaped to byte pieces by geb_jax but becomes the
   special token in llama.cpp.
+* a published model's tokenizer (a folder from geb_jax.data.hf_tokenizer) goes back as the
+  tokenizer.* keys it came with (export/published_tokenizer.py), chat template included.
+* `geb_jax.tokenizer.sha256` checksums every tokenizer key (definition in geb_jax/gguf_header.py),
+  so a changed or damaged vocabulary is refused on load instead of mis-tokenizing.
 
 The file is written to a temporary sibling, read back with gguf.GGUFReader and checked (names,
 types, shapes, a CRC of every tensor's bytes), then renamed into place.
@@ -35,9 +39,11 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 
+from geb_jax.export import published_tokenizer
 from geb_jax.export.hf import hf_state_dict_from_params
-from geb_jax.infer.gguf_file import (ARCHITECTURE, SENTENCEPIECE_MODEL_KEY, gguf_tensor_name,
-                                     rope_rows_to_interleaved)
+from geb_jax.infer.gguf_file import (ARCHITECTURE, SENTENCEPIECE_MODEL_KEY, TOKENIZER_SHA256_KEY,
+                                     gguf_tensor_name, rope_rows_to_interleaved,
+                                     tokenizer_sha256_of_writer)
 from geb_jax.model.config import ConfigError, ModelConfig
 
 Q = gguf.GGMLQuantizationType
@@ -104,8 +110,10 @@ def _read_vocab(tokenizer_path: str, model_vocab: int) -> _Vocab:
                   {k: v for k, v in special.items() if v >= 0}, blob)
 
 
-def _add_metadata(w: gguf.GGUFWriter, c: ModelConfig, vocab: _Vocab, name: str,
+def _add_metadata(w: gguf.GGUFWriter, c: ModelConfig, vocab: _Vocab | dict, name: str,
                   file_type: int) -> None:
+    """The llama.* shape keys, then the tokenizer: ours (a SentencePiece _Vocab) or a published
+    model's tokenizer.* keys as they came in (a dict)."""
     w.add_name(name)
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -121,6 +129,14 @@ def _add_metadata(w: gguf.GGUFWriter, c: ModelConfig, vocab: _Vocab, name: str,
     w.add_rope_dimension_count(c.head_dim)
     w.add_rope_freq_base(float(c.rope_theta))
     w.add_layer_norm_rms_eps(float(c.norm_eps))
+    if isinstance(vocab, dict):
+        published_tokenizer.add_tokenizer_keys(w, vocab)
+    else:
+        _add_sentencepiece_vocab(w, vocab)
+    w.add_string(TOKENIZER_SHA256_KEY, tokenizer_sha256_of_writer(w))  # last: covers the above
+
+
+def _add_sentencepiece_vocab(w: gguf.GGUFWriter, vocab: _Vocab) -> None:
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(vocab.tokens)
@@ -195,7 +211,8 @@ def export_gguf(params: Mapping, model_config: ModelConfig | Mapping[str, Any],
     """Write `out_path` (.gguf) for llama.cpp / ollama; returns its absolute path.
 
     params: our float32 tree (geb_jax.model.init_params layout); model_config: ModelConfig or
-    its dict; tokenizer_path: the SentencePiece .model the model was trained with;
+    its dict; tokenizer_path: the SentencePiece .model the model was trained with, or a
+    published model's tokenizer folder (its GGUF tokenizer keys are written back as they were);
     dtype: "f32", "f16", "q8_0" or "q4_0" for the matrices (norms stay f32).
     """
     if dtype not in DTYPES:
@@ -208,7 +225,9 @@ def export_gguf(params: Mapping, model_config: ModelConfig | Mapping[str, Any],
             f"pre-norm and has no post-norm variant, so this model cannot be exported to GGUF. "
             f"Only norm_position='pre' models can be exported.")
     matrix_type, file_type = DTYPES[dtype]
-    vocab = _read_vocab(os.fspath(tokenizer_path), c.vocab_size)
+    tokenizer_path = os.fspath(tokenizer_path)
+    vocab = (published_tokenizer.gguf_tokenizer_keys(tokenizer_path, c.vocab_size)
+             if os.path.isdir(tokenizer_path) else _read_vocab(tokenizer_path, c.vocab_size))
     state = hf_state_dict_from_params(params, c)  # also checks every shape against the config
 
     out_path = os.path.abspath(os.fspath(out_path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from typing import Any, Callable, Mapping
 
@@ -371,8 +372,13 @@ def _write_folder(folder: str, config: ModelConfig, state: Mapping[str, np.ndarr
 
 
 def save_hf_checkpoint(config: ModelConfig, params: Mapping, path: str,
-                       max_shard_bytes: int | None = None, overwrite: bool = False) -> None:
+                       max_shard_bytes: int | None = None, overwrite: bool = False,
+                       tokenizer_path: str | None = None) -> None:
     """Writes a folder that `LlamaForCausalLM.from_pretrained(path)` loads, all or nothing.
+
+    tokenizer_path: the run's tokenizer, copied in: a SentencePiece tokenizer.model (ours), or
+    a published model's tokenizer folder, whose tokenizer.json + tokenizer_config.json (with
+    the chat template) `AutoTokenizer.from_pretrained(path)` reads.
 
     Everything is written into a temporary sibling folder, then renamed into place, so a crash
     never leaves a half-written checkpoint at `path`. With `overwrite`, an existing folder is
@@ -386,6 +392,18 @@ def save_hf_checkpoint(config: ModelConfig, params: Mapping, path: str,
     state = hf_state_dict_from_params(params, config)  # validates shapes before touching disk
     with atomic_folder(path) as tmp:
         _write_folder(tmp, config, state, max_shard_bytes)
+        if tokenizer_path:
+            _copy_tokenizer(tokenizer_path, tmp)
+
+
+def _copy_tokenizer(tokenizer_path: str, folder: str) -> None:
+    """The tokenizer files at the folder's top level, where transformers looks for them."""
+    if not os.path.isdir(tokenizer_path):
+        shutil.copyfile(tokenizer_path, os.path.join(folder, "tokenizer.model"))
+        return
+    for name in sorted(os.listdir(tokenizer_path)):
+        if os.path.isfile(os.path.join(tokenizer_path, name)):
+            shutil.copyfile(os.path.join(tokenizer_path, name), os.path.join(folder, name))
 
 
 __all__ = ["CheckpointError", "hf_config_from_model_config", "hf_state_dict_from_params",

@@ -43,7 +43,8 @@ from onnx.external_data_helper import load_external_data_for_model
 
 import geb_jax
 from geb_jax.data import chat
-from geb_jax.data.tokenizer import Tokenizer
+from geb_jax.data.tokenizer_bundle import bundle, unbundle
+from geb_jax.data.tokenizer_files import load_tokenizer
 from geb_jax.infer import onnx_file as fmt
 from geb_jax.infer.config import InferConfig
 from geb_jax.infer.engine import Engine, rope_tables
@@ -416,16 +417,19 @@ def _config_dict(model_config: Any) -> dict:
 
 
 def _set_metadata(model: onnx.ModelProto, config: dict, tokenizer_bytes: bytes,
-                  quantize: str | None, block_size: int, accuracy_level: int) -> None:
+                  quantize: str | None, block_size: int, accuracy_level: int,
+                  chat_template: str | None = None) -> None:
+    """geb_jax's metadata; the chat template is the model's own, or ours (trained here)."""
     values = {
         fmt.META_PRODUCER: fmt.PRODUCER,
         fmt.META_FORMAT: fmt.FORMAT_VERSION,
         fmt.META_CONFIG: json.dumps(config, sort_keys=True),
         fmt.META_TOKENIZER: base64.b64encode(tokenizer_bytes).decode("ascii"),
         fmt.META_TOKENIZER_SHA256: hashlib.sha256(tokenizer_bytes).hexdigest(),
-        fmt.META_CHAT_TEMPLATE: chat_template_jinja(),
-        fmt.META_CHAT_NAME: CHAT_TEMPLATE_NAME,
-        fmt.META_CHAT_DESCRIPTION: CHAT_TEMPLATE_DESCRIPTION,
+        fmt.META_CHAT_TEMPLATE: chat_template or chat_template_jinja(),
+        fmt.META_CHAT_NAME: "model" if chat_template else CHAT_TEMPLATE_NAME,
+        fmt.META_CHAT_DESCRIPTION: ("the published model's own template" if chat_template
+                                    else CHAT_TEMPLATE_DESCRIPTION),
         fmt.META_QUANTIZATION: quantize or "none",
         fmt.META_BLOCK_SIZE: str(block_size),
         fmt.META_ACCURACY_LEVEL: str(accuracy_level),
@@ -463,7 +467,7 @@ def ort_session(path: str):
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
-def _verify(path: str, tokenizer: Tokenizer) -> float:
+def _verify(path: str, tokenizer) -> float:
     """Last-token logits of a fixed prompt: onnxruntime on the file vs the numpy engine on
     the weights read back from it. Returns the max abs difference; raises past tolerance.
 
@@ -598,13 +602,13 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
     _check_quantize(quantize, block_size, accuracy_level)
     config = _config_dict(model_config)
     tensors = _ParamTreeTensors(params, config)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.check_matches_model(tensors.config.vocab_size, allow_padding=True)
-    with open(tokenizer_path, "rb") as f:
-        tokenizer_bytes = f.read()
+    tokenizer_bytes = bundle(tokenizer_path)
     folder, name = os.path.split(out_path)
     data_name = name + ".data"
-    tokenizer_target = os.path.join(folder, fmt.TOKENIZER_FILE)
+    tokenizer_name = fmt.TOKENIZER_FOLDER if os.path.isdir(tokenizer_path) else fmt.TOKENIZER_FILE
+    tokenizer_target = os.path.join(folder, tokenizer_name)
     _check_targets(out_path, tokenizer_target, tokenizer_bytes, overwrite)
 
     os.makedirs(folder, exist_ok=True)
@@ -622,15 +626,18 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
             load_external_data_for_model(model, tmp)
             os.remove(tmp_data)
         _set_metadata(model, config, tokenizer_bytes, quantize, block_size,
-                      accuracy_level if quantize not in (None, "none", "float32") else 0)
+                      accuracy_level if quantize not in (None, "none", "float32") else 0,
+                      getattr(tokenizer, "chat_template", None))
         onnx.save_model(model, tmp_model)
         del model
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, fmt.TOKENIZER_FILE))
+        unbundle(tokenizer_bytes, os.path.join(tmp, tokenizer_name))
         if verify:
             _verify(tmp_model, tokenizer)
         if external:
             os.replace(os.path.join(tmp, data_name), os.path.join(folder, data_name))
-        os.replace(os.path.join(tmp, fmt.TOKENIZER_FILE), tokenizer_target)
+        if os.path.isdir(tokenizer_target):
+            shutil.rmtree(tokenizer_target)  # a folder is not replaced by os.replace
+        os.replace(os.path.join(tmp, tokenizer_name), tokenizer_target)
         os.replace(tmp_model, out_path)
         if not external and os.path.exists(os.path.join(folder, data_name)):
             os.remove(os.path.join(folder, data_name))  # left by a replaced external export
@@ -657,8 +664,7 @@ def _check_targets(out_path: str, tokenizer_target: str, tokenizer_bytes: bytes,
     if os.path.exists(out_path) or os.path.exists(out_path + ".data"):
         raise OnnxExportError(f"{out_path} already exists; pass overwrite=True to replace it")
     if os.path.exists(tokenizer_target):
-        with open(tokenizer_target, "rb") as f:
-            if f.read() != tokenizer_bytes:
-                raise OnnxExportError(
-                    f"{tokenizer_target} exists with a different tokenizer; export into another "
-                    f"folder or pass overwrite=True")
+        if bundle(tokenizer_target) != tokenizer_bytes:
+            raise OnnxExportError(
+                f"{tokenizer_target} exists with a different tokenizer; export into another "
+                f"folder or pass overwrite=True")

@@ -103,11 +103,11 @@ def _fit(messages, tokenizer, room: int, chat_prompt):
 
 
 def _chat(args, engine, tokenizer) -> int:
-    from geb_jax.data.chat import chat_prompt  # pylint: disable=import-outside-toplevel
+    from geb_jax.data.chat import chat_prompt, reply_stop_ids  # pylint: disable=import-outside-toplevel
 
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    stop_ids = (tokenizer.end_id, tokenizer.eos_id)
+    stop_ids = reply_stop_ids(tokenizer)
     min_reply = min(args.max_tokens, 32)
     while True:
         sys.stderr.write("user> ")

@@ -2,10 +2,14 @@
 
 Formats:
 * a directory with ``weights.npz`` (our parameter tree, flattened to "layers/attn/q" keys),
-  ``config.json`` (the ModelConfig fields) and ``tokenizer.model`` (SentencePiece), written
+  ``config.json`` (the ModelConfig fields) and ``tokenizer.model`` (SentencePiece) or
+  ``tokenizer/`` (a published model's tokenizer.json + tokenizer_config.json), written
   atomically by `save_npz_model`.
-* ``.gguf`` files (llama architecture, f32/f16/q8_0; infer/gguf_file.py), dequantized to
-  float32; the tokenizer is the SentencePiece model geb_jax embeds, or `tokenizer_path`.
+* ``.gguf`` files of the llama architecture (ours or any published one; infer/gguf_file.py
+  says what each tensor type becomes in memory); the tokenizer is the file's own vocabulary
+  (geb_jax.data.hf_tokenizer.load_tokenizer), or `tokenizer_path`.
+* a Hugging Face folder (config.json + safetensors + tokenizer.json or tokenizer.model, chat
+  template from tokenizer_config.json), as geb_jax.export.hf writes and the Hub serves.
 * ``.onnx`` files written by geb_jax.export.onnx_export (read by infer/onnx_file.py with the
   ``onnx`` package only; quantized MatMulNBits weights are dequantized to float32).
 """
@@ -15,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
@@ -27,6 +30,7 @@ from geb_jax.infer.weights import Weights
 WEIGHTS_NPZ = "weights.npz"
 CONFIG_JSON = "config.json"
 TOKENIZER_MODEL = "tokenizer.model"
+TOKENIZER_FOLDER = "tokenizer"  # a published model's tokenizer.json + tokenizer_config.json
 
 
 class ModelFileError(ValueError):
@@ -78,19 +82,32 @@ def save_npz_model(directory: str, params: Mapping, config: Any, tokenizer_path:
         raise ModelFileError(f"{directory} already exists; pass overwrite=True to replace it")
     config_dict = _config_dict(config)
     Weights.from_params(params, config_dict)  # shape check against the config
-    if not os.path.isfile(tokenizer_path):
-        raise ModelFileError(f"tokenizer model file not found: {tokenizer_path}")
+    if not os.path.exists(tokenizer_path):
+        raise ModelFileError(f"tokenizer not found: {tokenizer_path}")
     with atomic_folder(directory) as tmp:
         np.savez(os.path.join(tmp, WEIGHTS_NPZ), **_flatten(params))
         with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
-        shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_MODEL))
+        copy_tokenizer(tokenizer_path, tmp)
     return directory
 
 
+def copy_tokenizer(tokenizer_path: str, folder: str) -> str:
+    """Put a run's tokenizer into an export folder: tokenizer.model (ours) or, for a published
+    model's tokenizer folder, tokenizer/ (tokenizer.json + tokenizer_config.json)."""
+    if os.path.isdir(tokenizer_path):
+        target = os.path.join(folder, TOKENIZER_FOLDER)
+        shutil.copytree(tokenizer_path, target, dirs_exist_ok=True)
+    else:
+        target = os.path.join(folder, TOKENIZER_MODEL)
+        shutil.copyfile(tokenizer_path, target)
+    return target
+
+
 def _load_npz_dir(path: str) -> tuple[Weights, str]:
-    for file in (WEIGHTS_NPZ, CONFIG_JSON, TOKENIZER_MODEL):
-        if not os.path.isfile(os.path.join(path, file)):
+    tokenizer = _tokenizer_beside(path) or os.path.join(path, TOKENIZER_MODEL)
+    for file in (WEIGHTS_NPZ, CONFIG_JSON, tokenizer):
+        if not os.path.exists(os.path.join(path, file)):
             raise ModelFileError(f"model folder {path} has no {file} (expected {WEIGHTS_NPZ}, "
                                  f"{CONFIG_JSON} and {TOKENIZER_MODEL}; see save_npz_model)")
     try:
@@ -100,34 +117,35 @@ def _load_npz_dir(path: str) -> tuple[Weights, str]:
         raise ModelFileError(f"{os.path.join(path, CONFIG_JSON)} is not valid JSON: {e}") from None
     with np.load(os.path.join(path, WEIGHTS_NPZ)) as npz:
         params = _unflatten({k: npz[k] for k in npz.files})
-    return Weights.from_params(params, config), os.path.join(path, TOKENIZER_MODEL)
+    return Weights.from_params(params, config), tokenizer
 
 
-def _load_gguf(path: str, need_tokenizer: bool) -> tuple[Weights, str | None]:
-    """A llama GGUF -> Weights, plus the SentencePiece model geb_jax embeds in its GGUFs
-    (extracted once into the cache, named by its hash)."""
-    import hashlib  # pylint: disable=import-outside-toplevel
+def _load_hf_folder(path: str) -> Weights:
+    """A Hugging Face Llama folder (config.json + safetensors) -> float32 Weights."""
+    from geb_jax.export.hf import CheckpointError, load_hf_checkpoint  # pylint: disable=import-outside-toplevel
+    from geb_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+    try:
+        config, params = load_hf_checkpoint(path)
+    except (CheckpointError, ConfigError) as e:
+        raise ModelFileError(f"{path}: {e}") from None
+    return Weights.from_params(params, config)
 
-    from geb_jax.data.tokenizer import default_cache_dir  # pylint: disable=import-outside-toplevel
+
+def _load_gguf(path: str, quantize: str | None) -> Weights:
+    """A llama GGUF -> Weights: Q4_0/Q4_1 matrices kept as int4 (infer/gguf_file.py) unless
+    another quantization (int8) was asked for, which then starts from float32."""
     from geb_jax.infer.gguf_file import GGUFFileError, load_gguf  # pylint: disable=import-outside-toplevel
     try:
-        model = load_gguf(path)
+        return load_gguf(path, keep_quantized=quantize in (None, "none", "int4")).weights
     except GGUFFileError as e:
         raise ModelFileError(str(e)) from None
-    if model.sentencepiece_model is None:
-        if need_tokenizer:
-            raise ModelFileError(f"{path} carries no SentencePiece model (not written by "
-                                 "geb_jax): pass tokenizer_path= (--tokenizer) as well.")
-        return model.weights, None
-    digest = hashlib.sha256(model.sentencepiece_model).hexdigest()[:24]
-    target = os.path.join(default_cache_dir(), "gguf-tokenizers", f"{digest}.model")
-    if not os.path.isfile(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=os.path.dirname(target))
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.sentencepiece_model)
-        os.replace(tmp, target)
-    return model.weights, target
+
+
+def _tokenizer_beside(path: str) -> str | None:
+    """A published model's tokenizer folder written next to an export (tokenizer/)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(path)) if os.path.isfile(path)
+                          else path, TOKENIZER_FOLDER)
+    return folder if os.path.isdir(folder) else None
 
 
 def load_model(path: str, quantize: str | None = None, quantize_embeddings: bool = False,
@@ -137,22 +155,30 @@ def load_model(path: str, quantize: str | None = None, quantize_embeddings: bool
     quantize: None, "int8" or "int4" (geb_jax.infer.quantize); tokenizer_path overrides the
     tokenizer that comes with the model.
     """
-    from geb_jax.data.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+    from geb_jax.data.tokenizer import TokenizerError  # pylint: disable=import-outside-toplevel
+    from geb_jax.data.tokenizer_files import load_tokenizer  # pylint: disable=import-outside-toplevel
     from geb_jax.infer.quantize import quantize_weights  # pylint: disable=import-outside-toplevel
 
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelFileError(f"model path not found: {path}")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NPZ)):
         weights, bundled_tokenizer = _load_npz_dir(path)
     elif path.endswith(".onnx"):
         from geb_jax.infer import onnx_file  # pylint: disable=import-outside-toplevel
         weights, bundled_tokenizer = onnx_file.load_onnx_model(path)
     elif path.endswith(".gguf"):
-        weights, bundled_tokenizer = _load_gguf(path, need_tokenizer=tokenizer_path is None)
-    elif not os.path.exists(path):
-        raise ModelFileError(f"model path not found: {path}")
+        weights, bundled_tokenizer = _load_gguf(path, quantize), path  # its embedded vocabulary
+    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_JSON)):
+        weights, bundled_tokenizer = _load_hf_folder(path), path
     else:
-        raise ModelFileError(f"{path} is not a model this engine can load: expected a folder "
-                             f"with {WEIGHTS_NPZ} + {CONFIG_JSON} + {TOKENIZER_MODEL}")
-    tokenizer = Tokenizer.load(tokenizer_path or bundled_tokenizer)
-    tokenizer.check_matches_model(weights.config.vocab_size, allow_padding=True)
+        raise ModelFileError(
+            f"{path} is not a model this engine can load: expected a .gguf file, an .onnx file "
+            f"written by geb_jax, a Hugging Face folder (config.json + safetensors + tokenizer) "
+            f"or a folder with {WEIGHTS_NPZ} + {CONFIG_JSON} + {TOKENIZER_MODEL}")
+    try:
+        tokenizer = load_tokenizer(tokenizer_path or bundled_tokenizer)
+        tokenizer.check_matches_model(weights.config.vocab_size, allow_padding=True)
+    except TokenizerError as e:
+        raise ModelFileError(str(e)) from None
     return quantize_weights(weights, quantize, quantize_embeddings), tokenizer

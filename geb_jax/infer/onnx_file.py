@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
@@ -52,7 +51,8 @@ META_QUANTIZATION = "geb_jax.quantization"  # "none", "int8" or "int4"
 META_BLOCK_SIZE = "geb_jax.block_size"
 META_ACCURACY_LEVEL = "geb_jax.accuracy_level"  # MatMulNBits compute: "0" float32, "4" int8
 MATMUL_SUFFIX = ".MatMul.weight"  # float (in, out); MatMulNBits adds _Q4 / _Q8, _scales, ...
-TOKENIZER_FILE = "tokenizer.model"  # written beside the .onnx by the exporter
+TOKENIZER_FILE = "tokenizer.model"  # written beside the .onnx by the exporter (ours)
+TOKENIZER_FOLDER = "tokenizer"  # or a published model's tokenizer.json + tokenizer_config.json
 
 
 def linear_names(n_layers: int, tie_embeddings: bool) -> list[str]:
@@ -271,28 +271,23 @@ def _linear_weight(linear: str, initializers: _Initializers, nbits) -> np.ndarra
 
 
 def tokenizer_file_for(info: OnnxModelInfo, cache_dir: str | None = None) -> str:
-    """A path holding the embedded tokenizer: tokenizer.model beside the .onnx when its bytes
-    match, else a copy extracted (atomically) into the geb_jax cache, named by its sha256."""
-    beside = os.path.join(os.path.dirname(os.path.abspath(info.path)), TOKENIZER_FILE)
-    if os.path.isfile(beside):
-        with open(beside, "rb") as f:
-            if f.read() == info.tokenizer_bytes:
-                return beside
+    """A path holding the embedded tokenizer: tokenizer.model (or tokenizer/) beside the .onnx
+    when it matches, else a copy extracted (atomically) into the geb_jax cache, named by its
+    sha256."""
+    from geb_jax.data.tokenizer_bundle import (bundle, is_folder_bundle,  # pylint: disable=import-outside-toplevel
+                                               unbundle)
+    folder = is_folder_bundle(info.tokenizer_bytes)
+    beside = os.path.join(os.path.dirname(os.path.abspath(info.path)),
+                          TOKENIZER_FOLDER if folder else TOKENIZER_FILE)
+    if os.path.exists(beside) and bundle(beside) == info.tokenizer_bytes:
+        return beside
     if cache_dir is None:
         from geb_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
         cache_dir = os.path.join(tokenizer.default_cache_dir(), "onnx-tokenizers")
     sha = hashlib.sha256(info.tokenizer_bytes).hexdigest()
-    target = os.path.join(cache_dir, f"{sha[:24]}.model")
-    if not os.path.isfile(target):
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(info.tokenizer_bytes)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    target = os.path.join(cache_dir, sha[:24] + ("" if folder else ".model"))
+    if not os.path.exists(target):
+        unbundle(info.tokenizer_bytes, target)
     return target
 
 

@@ -6,30 +6,33 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 
 import jax
 import ml_collections
 
 from geb_jax.checkpoint import Checkpointer
 from geb_jax.data import pipeline, sources
+from geb_jax.checkpoint import published
+from geb_jax.data.tokenizer_files import load_tokenizer, save_tokenizer
 from geb_jax.data.tokenizer import Tokenizer, builtin_tokenizer
 from geb_jax.model import ModelConfig
 from geb_jax.model.config import ConfigError
 
 
 def stage_tokenizer(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Tokenizer:
-    """The run's tokenizer, checked against the model's vocabulary and copied into workdir."""
+    """The run's tokenizer, checked against the model's vocabulary and saved into workdir.
+
+    config.data.tokenizer: "builtin", a SentencePiece .model, a GGUF file or a Hugging Face
+    folder (a published model's own tokenizer and chat template).
+    """
     if config.data.tokenizer == "builtin":
         tokenizer = builtin_tokenizer(model_config.vocab_size)
     else:
-        tokenizer = Tokenizer.load(config.data.tokenizer)
-    tokenizer.check_matches_model(model_config.vocab_size)
-    if jax.process_index() == 0 and tokenizer.path:
-        os.makedirs(config.workdir, exist_ok=True)
-        target = os.path.join(config.workdir, "tokenizer.model")
-        shutil.copyfile(tokenizer.path, target + ".tmp")
-        os.replace(target + ".tmp", target)
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer.check_matches_model(model_config.vocab_size,
+                                  allow_padding=published.is_published(config.data.tokenizer))
+    if jax.process_index() == 0:
+        save_tokenizer(tokenizer, config.workdir)
     return tokenizer
 
 
@@ -68,11 +71,14 @@ def restore_iterator(dataset, state: dict):
 
 
 def load_params(stage_directory: str, abstract_state):
-    """The final parameters of an earlier stage (its newest good checkpoint).
+    """The final parameters of an earlier stage (its newest good checkpoint), or of a published
+    model (a GGUF file or a Hugging Face folder).
 
     The optimizer chain has the same structure in every stage, so the whole state restores
     onto this stage's abstract state (and mesh); only the parameters are kept.
     """
+    if published.is_published(stage_directory):
+        return _published_params(stage_directory, abstract_state.params)
     checkpoints = os.path.join(stage_directory, "checkpoints")
     if not os.path.isdir(checkpoints):
         raise ConfigError(f"{stage_directory!r} holds no checkpoints/: finish that stage first "
@@ -81,6 +87,16 @@ def load_params(stage_directory: str, abstract_state):
     state, *_ = checkpointer.restore(abstract_state)
     checkpointer.close()
     return state.params
+
+
+def _published_params(path: str, abstract_params):
+    """A published model's float32 parameters placed with this stage's shardings and dtypes."""
+    params = published.read_published(path).params
+    try:
+        return jax.tree.map(lambda a, x: jax.device_put(x.astype(a.dtype), a.sharding),
+                            abstract_params, params)
+    except ValueError as e:  # tree structures differ: tied vs untied head, ...
+        raise ConfigError(f"{path} does not fit config.model: {e}") from None
 
 
 def load_reference_params(init_params_from: str | None, abstract_state):

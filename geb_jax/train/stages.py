@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from geb_jax.checkpoint import published
 from geb_jax.eval import EvalConfig
 from geb_jax.model.config import ConfigError, ModelConfig
 from geb_jax.train.optimizer import OptimizerConfig
@@ -51,12 +52,16 @@ def run_stages(config: ml_collections.ConfigDict) -> list[dict]:
         raise ConfigError(f"config.stages={config.stages!r}: use a comma-separated list of "
                           f"{', '.join(STAGES)}.")
     summaries, previous = [], config.get("init_from") or None
-    if previous and not os.path.isdir(previous):
+    if previous and not os.path.exists(previous):
         raise ConfigError(f"config.init_from={previous!r} does not exist; point it at a stage "
-                          "directory (workdir/<stage>) of a finished run, or leave it empty.")
+                          "directory (workdir/<stage>) of a finished run, a GGUF file or a "
+                          "Hugging Face folder, or leave it empty.")
     configs = {stage: stage_config(config, stage) for stage in stages}
     for stage_cfg in configs.values():  # every stage's mistakes surface before any training
         validate(stage_cfg)
+        if published.is_published(previous):
+            published.check_overrides(previous, published.published_model_config(previous),
+                                      stage_cfg.model)
     for stage in stages:
         summaries.append(train(configs[stage], stage, init_params_from=previous))
         previous = stage_dir(config, stage)

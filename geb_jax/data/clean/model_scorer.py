@@ -137,17 +137,17 @@ def load_stage(stage_dir: str):
     import jax
 
     from geb_jax.checkpoint import CheckpointError
-    from geb_jax.checkpoint.reader import TOKENIZER_FILE, read_stage
-    from geb_jax.data.tokenizer import Tokenizer
+    from geb_jax.checkpoint.reader import read_stage
+    from geb_jax.data.tokenizer_files import SENTENCEPIECE_FILE, load_tokenizer
 
     try:
         checkpoint = read_stage(stage_dir)
     except CheckpointError as e:  # the cleaning chain reports ModelScorerError as config error
         raise ModelScorerError(str(e)) from e
     if checkpoint.tokenizer_path is None:
-        raise ModelScorerError(f"{stage_dir}: no {TOKENIZER_FILE} in its workdir "
+        raise ModelScorerError(f"{stage_dir}: no {SENTENCEPIECE_FILE} (or tokenizer/) in its workdir "
                                f"({checkpoint.workdir}); the training run writes it there")
-    tokenizer = Tokenizer.load(checkpoint.tokenizer_path)
+    tokenizer = load_tokenizer(checkpoint.tokenizer_path)
     tokenizer.check_matches_model(checkpoint.model_config.vocab_size, allow_padding=True)
     return jax.device_put(checkpoint.params), checkpoint.model_config, tokenizer
 
