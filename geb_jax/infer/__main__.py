@@ -3,8 +3,9 @@
     python -m geb_jax.infer generate --model runs/tiny/export --prompt "Once upon a time"
     python -m geb_jax.infer chat --model runs/tiny/export --system "You are helpful."
 
---model takes what geb_jax.infer.loading.load_model accepts (today: a folder written by
-save_npz_model). Text streams to stdout as it is decoded; prompts, notes and errors go to
+--model takes what geb_jax.infer.loading.load_model accepts: a .gguf file (ours or any
+published Llama-architecture one), an .onnx export, a Hugging Face folder, or a numpy export
+folder. Chat uses the model's own chat template when it has one (published models), else ours. Text streams to stdout as it is decoded; prompts, notes and errors go to
 stderr. In chat, type /reset to start over and /exit (or end of input) to leave; old turns are
 dropped when the conversation no longer fits max_seq_len.
 """
@@ -20,8 +21,8 @@ from geb_jax.infer.sampling import SamplingOptionError, SamplingParams, generate
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model folder (weights.npz + config.json + "
-                   "tokenizer.model)")
+    p.add_argument("--model", required=True, help=".gguf / .onnx file, Hugging Face folder, "
+                   "or numpy export folder")
     p.add_argument("--max-tokens", type=int, default=256, help="max new tokens (default 256)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="0 disables (default 40)")
@@ -48,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     _add_common(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--no-bos", action="store_true", help="do not start the prompt with <s>")
-    chat = sub.add_parser("chat", help="multi-turn chat in the <|user|>/<|assistant|> template")
+    gen.add_argument("--no-bos", action="store_true", help="do not start the prompt with bos (models whose file says so never do)")
+    chat = sub.add_parser("chat", help="multi-turn chat in the model's chat template")
     _add_common(chat)
     chat.add_argument("--system", default=None, help="system message")
     return parser
@@ -78,9 +79,11 @@ def _report(args, generation, seconds: float) -> None:
 
 
 def _generate(args, engine, tokenizer) -> int:
-    ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)
+    # A published model's file says whether its sequences start with bos (SmolLM2's do not).
+    ids = tokenizer.encode(args.prompt, add_bos=getattr(tokenizer, "add_bos", True)
+                           and not args.no_bos)
     if not ids:
-        raise SamplingOptionError("the prompt is empty (and --no-bos was given)")
+        raise SamplingOptionError("the prompt is empty (and no bos is added)")
     generation = generate(engine, tokenizer, ids, _params(args, args.max_tokens))
     seconds = _stream(generation, sys.stdout)
     sys.stdout.write("\n")
