@@ -52,8 +52,17 @@ def base_config() -> ml_collections.ConfigDict:
         max_record_bytes=16 * 2**20,  # local: a larger record (e.g. a 50 MB line) is skipped
         tfds_name="", tfds_data_dir="", tfds_train_split="train",
         tfds_valid_split="validation",
-        mixture=[]))  # [{"source": ..., "weight": w, ...per-source keys above}, ...]
+        mixture=[],  # [{"source": ..., "weight": w, ...per-source keys above}, ...]
+        # SFT / DPO records (data/chat_records.py): "auto" detects the layout per record;
+        # or messages | sharegpt | alpaca | prompt_completion (SFT), preference (DPO: TRL's
+        # prompt/chosen/rejected, or HH-style chosen/rejected conversations).
+        format="auto"))
     c.data.clean = ml_collections.ConfigDict(default_cleaning_config())  # data/prepare.py
+
+    # LoRA (model/lora.py): rank 0 trains every weight; rank r > 0 freezes the base and trains
+    # rank-r adapters on the named projections (q, k, v, o, gate, up, down).
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0,
+                                            targets="q,k,v,o,gate,up,down"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
