@@ -232,3 +232,37 @@ def test_override_contradicting_the_file_fails_before_work(tmp_path):
     message = result.stderr.strip().splitlines()[-1]
     assert "n_layers=4" in message and "30" in message, message
     assert not os.path.exists(os.path.join(tmp_path, "sft")), "work started"
+
+
+def test_hub_style_hf_folder_runs_and_exports_to_gguf(published, engine, tokenizer_folder,
+                                                      prompt_ids, smollm2_gguf, tmp_path):
+    """A folder as the Hub serves it (tokenizer.json, no GGUF keys of ours): the engine runs
+    it, and its GGUF export picks the pre-tokenizer llama.cpp needs (SmolLM2's splits digits)."""
+    from geb_jax.checkpoint.published import read_published as read_again
+    from geb_jax.export.hf import save_hf_checkpoint
+    folder = str(tmp_path / "hub")
+    save_hf_checkpoint(published.config, published.params, folder,
+                       tokenizer_path=tokenizer_folder)
+    os.remove(os.path.join(folder, "gguf_tokenizer.json"))
+    weights, tok = load_model(folder)
+    assert [tok.encode(p) for p in PROMPTS] == prompt_ids
+    got = Engine(weights, max_len=32).prefill([prompt_ids[0]], all_logits=True)[0]
+    assert _rel(got, _engine_logits(engine, prompt_ids[0])) <= FLOAT_REL
+    hub = read_again(folder)
+    tok_dir = save_tokenizer(hub.tokenizer, str(tmp_path / "run"))
+    assert not os.path.exists(os.path.join(tok_dir, "gguf_tokenizer.json"))
+    path = export_gguf(hub.params, hub.config, tok_dir, str(tmp_path / "hub-q8_0.gguf"),
+                       dtype="q8_0")
+    texts = PROMPTS + ["12345 67890", "  x\n\n\ty 🙂 Ünïcödé"]
+    assert llama_cpp_runner.tokenize(path, texts) == llama_cpp_runner.tokenize(smollm2_gguf,
+                                                                               texts)
+
+
+def test_unknown_model_files_are_refused_with_the_reason(tmp_path):
+    from geb_jax.infer import ModelFileError
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelFileError, match="expected a .gguf file"):
+        load_model(str(tmp_path / "notes.txt"))
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ModelFileError, match="fake.gguf"):
+        load_model(str(tmp_path / "fake.gguf"))
