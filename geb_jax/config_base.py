@@ -85,13 +85,22 @@ def base_config() -> ml_collections.ConfigDict:
         out=""))  # "" = <workdir>/export
 
     # Per-stage differences, nested like the config (train/stages.py merges them).
+    # An unset (None) field is no override: `data` lets one command give each stage its own
+    # files, e.g. --config.stage_overrides.sft.data.path='sft/*.jsonl'.
     c.stage_overrides = ml_collections.ConfigDict(dict(
         sft=dict(train=dict(steps=100), optimizer=dict(
-            peak_learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, total_steps=100)),
+            peak_learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, total_steps=100),
+            data=stage_data_fields()),
         dpo=dict(train=dict(steps=50), optimizer=dict(
             peak_learning_rate=2e-4, min_learning_rate=2e-5, warmup_steps=5, total_steps=50,
-            weight_decay=0.0))))
+            weight_decay=0.0), data=stage_data_fields())))
     return c
+
+
+def stage_data_fields() -> dict:
+    """Per-stage data fields, unset unless given (train/stages.py skips None)."""
+    return {key: ml_collections.config_dict.placeholder(str)
+            for key in ("source", "path", "valid_path", "format")}
 
 
 def parse_arg(arg: str | None, **defaults):

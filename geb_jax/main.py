@@ -67,7 +67,8 @@ def main(argv):
         else:
             raise ConfigError(f"config.mode={config.mode!r}: use train or export.")
     except (ConfigError, TokenizerError, CheckpointError, SourceError, ModelFileError,
-            WeightsError, OnnxExportError, GGUFExportError, GGUFFileError, HFCheckpointError) as e:
+            WeightsError, OnnxExportError, GGUFExportError, GGUFFileError, HFCheckpointError,
+            FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -20,6 +20,13 @@ construction and bad ones leave the index; with validate=False a bad record is f
 and comes back as an empty document (which the pipelines skip), counted the same way. Only a
 source with nothing usable raises, one SourceError naming the files and why. bad_records="error"
 raises at the first bad record instead (naming file and line).
+
+Records (`convert` given: the SFT / DPO stages, see data/chat_records.py): a document is a whole
+JSON object or Parquet row (every column), passed through `convert(record)` -> canonical dict;
+a chat_records.RecordError is a bad record like the above, counted under its reason code
+("missing_field", "empty_reply", ...). Such documents are the canonical dict plus "source"
+(file:line / file:row N); unvalidated, a bad one reads as None, which grain drops. .txt files
+hold no records.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import numpy as np
 
 from geb_jax.data import bad_input as B
 from geb_jax.data.bad_input import SkipReport, SourceError
+from geb_jax.data.chat_records import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +57,9 @@ PARQUET_CACHE_ROW_GROUPS = 4  # decoded row groups kept per Parquet file
 class _Bad(Exception):
     """A bad record: reason (a bad_input constant), where, and a message for strict mode."""
 
-    def __init__(self, reason: str, where: str, message: str):
+    def __init__(self, reason: str, where: str, message: str, detail: str = ""):
         super().__init__(message)
-        self.reason, self.where, self.message = reason, where, message
+        self.reason, self.where, self.message, self.detail = reason, where, message, detail
 
 
 def _decode(data: bytes, where: str) -> str:
@@ -101,7 +109,7 @@ class _Checks:
     def bad(self, e: _Bad) -> None:
         if self.strict:
             raise SourceError(e.message) from None
-        self.skipped.add(e.reason, e.where)
+        self.skipped.add(e.reason, e.where, e.detail)
 
     def size(self, n: int, where: str) -> None:
         if n > self.max_record_bytes:
@@ -207,8 +215,8 @@ class _ParagraphFile(_LineIndexed):
 class _JsonlFile(_LineIndexed):
     """A .jsonl (or .jsonl.gz, decompressed into memory) file, one JSON object a line."""
 
-    def __init__(self, path: str, field: str, validate: bool, checks: _Checks):
-        self.path, self.field = path, field
+    def __init__(self, path: str, field: str, validate: bool, checks: _Checks, convert=None):
+        self.path, self.field, self.convert = path, field, convert
         self.gz = path.lower().endswith(".gz")
         self._lock = threading.Lock()
         spans, seen = [], False
@@ -253,7 +261,7 @@ class _JsonlFile(_LineIndexed):
                 self._buffer = self._decompress()
             return self._buffer
 
-    def _parse(self, line: bytes, where: str) -> str:
+    def _parse(self, line: bytes, where: str) -> str | dict:
         try:
             obj = json.loads(line)
         except UnicodeDecodeError as e:
@@ -262,6 +270,11 @@ class _JsonlFile(_LineIndexed):
         except json.JSONDecodeError as e:
             raise _Bad(B.INVALID_JSON, where, f"{where}: not valid JSON: {e.msg} (column "
                                               f"{e.colno})") from None
+        if self.convert is not None:
+            if not isinstance(obj, dict):
+                raise _Bad(B.NOT_OBJECT, where, f"{where}: expected a JSON object, got a "
+                                                f"{type(obj).__name__}")
+            return _convert(self.convert, obj, where)
         if not isinstance(obj, dict):
             raise _Bad(B.NOT_OBJECT, where, f"{where}: expected a JSON object with a "
                                             f"{self.field!r} field, got a {type(obj).__name__}")
@@ -274,7 +287,7 @@ class _JsonlFile(_LineIndexed):
                                           f"{type(text).__name__}, not a string")
         return text
 
-    def read(self, k: int) -> tuple[str, str]:
+    def read(self, k: int) -> tuple[str | dict, str]:
         where = self.where(k)
         return self._parse(self._bytes(k), where), where
 
@@ -290,6 +303,19 @@ class _JsonlFile(_LineIndexed):
         self._lock = threading.Lock()
 
 
+def _convert(convert, record: dict, where: str) -> dict:
+    """convert(record), a chat_records.RecordError becoming a bad record counted by reason."""
+    try:
+        return convert(record)
+    except RecordError as e:
+        raise _Bad(e.reason, where, f"{where}: {e.reason}: {e.detail}", e.detail) from None
+
+
+def _record_bytes(record: dict) -> int:
+    """About the size of a Parquet row (its JSON), for max_record_bytes."""
+    return len(json.dumps(record, ensure_ascii=False, default=str).encode("utf-8"))
+
+
 def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
@@ -299,10 +325,11 @@ def _pyarrow_parquet():
 
 
 class _ParquetFile:
-    """A Parquet file's string column `field`, one document a (non-null) row."""
+    """A Parquet file's string column `field`, one document a (non-null) row; with `convert`,
+    whole rows (all columns) as records."""
 
-    def __init__(self, path: str, field: str, validate: bool, checks: _Checks):
-        self.path, self.field = path, field
+    def __init__(self, path: str, field: str, validate: bool, checks: _Checks, convert=None):
+        self.path, self.field, self.convert = path, field, convert
         self.count, self.rows = 0, None
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict = collections.OrderedDict()
@@ -314,6 +341,7 @@ class _ParquetFile:
 
     def _index(self, validate: bool, checks: _Checks) -> None:
         import pyarrow as pa
+        import pyarrow.compute as pc  # a submodule: `import pyarrow` alone does not load it
         pq = _pyarrow_parquet()
         path, field = self.path, self.field
         try:
@@ -321,6 +349,8 @@ class _ParquetFile:
         except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) and others
             raise _Bad(B.UNREADABLE, path, f"{path}: not a readable Parquet file ({e})") \
                 from None
+        if self.convert is not None:
+            return self._index_records(meta, validate, checks)
         schema = meta.schema_arrow
         if field not in schema.names:
             raise _Bad(B.COLUMN_MISSING, path, f"{path}: Parquet file has no column {field!r} "
@@ -340,7 +370,7 @@ class _ParquetFile:
         keep = []
         for g in range(len(sizes)):
             column = self._row_group(g)
-            lengths = np.asarray(pa.compute.binary_length(column).fill_null(-1))
+            lengths = np.asarray(pc.binary_length(column).fill_null(-1))
             for i in np.flatnonzero((lengths < 0) | (lengths > checks.max_record_bytes)):
                 row = int(self.offsets[g]) + int(i)
                 where = f"{path}:row {row}"
@@ -353,24 +383,54 @@ class _ParquetFile:
         if len(rows) != self.count:
             self.rows, self.count = rows, len(rows)
 
+    def _index_records(self, meta, validate: bool, checks: _Checks) -> None:
+        sizes = [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.offsets = np.cumsum([0] + sizes).astype(np.int64)
+        self.count = int(self.offsets[-1])
+        if self.count == 0:
+            raise _Bad(B.EMPTY_FILE, self.path, f"{self.path}: Parquet file has no rows")
+        if not validate:
+            return
+        keep = []
+        for g in range(len(sizes)):
+            for i, record in enumerate(self._row_group(g).to_pylist()):
+                row = int(self.offsets[g]) + i
+                where = f"{self.path}:row {row}"
+                try:
+                    checks.size(_record_bytes(record), where)
+                    _convert(self.convert, record, where)
+                except _Bad as e:
+                    checks.bad(e)
+                else:
+                    keep.append(row)
+        if len(keep) != self.count:
+            self.rows, self.count = np.asarray(keep, np.int64), len(keep)
+
     def _row_group(self, g: int):
+        """Row group g: its `field` column, or (records) the whole table."""
         with self._lock:
             if g in self._cache:
                 self._cache.move_to_end(g)
                 return self._cache[g]
             pq = _pyarrow_parquet()
-            column = pq.ParquetFile(self.path).read_row_group(g, columns=[self.field])
-            column = column.column(0).combine_chunks()
+            if self.convert is not None:
+                column = pq.ParquetFile(self.path).read_row_group(g)
+            else:
+                column = pq.ParquetFile(self.path).read_row_group(g, columns=[self.field])
+                column = column.column(0).combine_chunks()
             self._cache[g] = column
             while len(self._cache) > PARQUET_CACHE_ROW_GROUPS:
                 self._cache.popitem(last=False)
             return column
 
-    def read(self, k: int) -> tuple[str, str]:
+    def read(self, k: int) -> tuple[str | dict, str]:
         row = int(self.rows[k]) if self.rows is not None else k
         g = int(np.searchsorted(self.offsets, row, side="right")) - 1
-        value = self._row_group(g)[row - int(self.offsets[g])].as_py()
         where = f"{self.path}:row {row}"
+        if self.convert is not None:
+            record = self._row_group(g).slice(row - int(self.offsets[g]), 1).to_pylist()[0]
+            return _convert(self.convert, record, where), where
+        value = self._row_group(g)[row - int(self.offsets[g])].as_py()
         if value is None:
             raise _Bad(B.NULL_TEXT, where, f"{where}: column {self.field!r} is null")
         return value, where
@@ -397,7 +457,7 @@ class LocalSource:
     def __init__(self, pattern: str | os.PathLike | Sequence[str | os.PathLike], *,
                  field: str = "text", lang: str | None = None, txt_unit: str = "file",
                  validate: bool = True, max_record_bytes: int = B.DEFAULT_MAX_RECORD_BYTES,
-                 bad_records: str = "skip"):
+                 bad_records: str = "skip", convert=None):
         if txt_unit not in TXT_UNITS:
             raise SourceError(f"txt_unit must be one of {TXT_UNITS}, got {txt_unit!r}")
         if not isinstance(field, str) or not field:
@@ -410,6 +470,7 @@ class LocalSource:
                               f"{max_record_bytes!r}")
         self.pattern, self.field, self.lang, self.txt_unit = pattern, field, lang or None, \
             txt_unit
+        self.convert = convert
         self.skipped = SkipReport()
         self._checks = _Checks(max_record_bytes, bad_records == "error", self.skipped)
         self.paths = expand(pattern)
@@ -420,12 +481,23 @@ class LocalSource:
                 f"nothing usable in the {len(self.paths)} file(s) matching {pattern!r} "
                 f"({', '.join(self.paths[:3])}{', ...' if len(self.paths) > 3 else ''}): they "
                 f"hold no documents - {self.skipped.summary()}. Check the files, "
-                f"data.field={field!r} and data.max_record_bytes={max_record_bytes}")
+                + (f"data.format and data.max_record_bytes={max_record_bytes} (the sft / dpo "
+                   f"stages read chat records, geb_jax/data/chat_records.py; a run that also "
+                   f"pretrains gives those stages their own data in "
+                   f"config.stage_overrides.<stage>.data)" if convert is not None else
+                   f"data.field={field!r} and data.max_record_bytes={max_record_bytes}"))
         if self.skipped.total:
             log.warning("%s: %s (see LocalSource.skipped)", pattern, self.skipped.summary())
 
     def _open(self, path: str, validate: bool):
         kind, checks = _kind(path), self._checks
+        if self.convert is not None:
+            if kind == ".txt":
+                raise SourceError(f"{path}: a .txt file holds no records; SFT / DPO data is read "
+                                  f"from .jsonl, .jsonl.gz or .parquet files")
+            if kind == ".parquet":
+                return _ParquetFile(path, self.field, validate, checks, self.convert)
+            return _JsonlFile(path, self.field, validate, checks, self.convert)
         if kind == ".txt":
             return (_TxtFile(path, validate, checks) if self.txt_unit == "file"
                     else _ParagraphFile(path, validate, checks))
@@ -436,7 +508,7 @@ class LocalSource:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
         n = len(self)
         index = int(index)
         if index < 0:
@@ -446,9 +518,16 @@ class LocalSource:
         i = int(np.searchsorted(self.offsets, index, side="right")) - 1
         try:
             text, where = self.files[i].read(index - int(self.offsets[i]))
-        except _Bad as e:  # only without validation: an empty document, counted
+        except _Bad as e:  # only without validation: an empty document (no record), counted
             self._checks.bad(e)
+            if self.convert is not None:
+                return None  # grain drops None elements
             text, where = "", e.where
+        if self.convert is not None:
+            doc = dict(text, source=where)
+            if self.lang:
+                doc["lang"] = self.lang
+            return doc
         doc = {"text": text, "source": where}
         if self.lang:
             doc["lang"] = self.lang

@@ -29,6 +29,16 @@ first bad record instead. .jsonl.gz files are decompressed into memory, and a sh
 over big Parquet files reads a whole row group per document: convert large corpora once with
 tfds_builder.build_local_tfds or pre-tokenize them (geb_jax.data.pretokenize).
 
+SFT / DPO records (`conversations_source_from_config`, `pairs_source_from_config`): the same
+sources read whole records instead of a text field - JSON objects of .jsonl / .jsonl.gz lines,
+Parquet rows, tfds examples - each turned into the canonical conversation / preference pair by
+data/chat_records.py (layout detected per record, or forced by data.format). A record that does
+not fit (no assistant turn, empty reply, unknown role, chosen == rejected, ...) is a bad record
+like the above: skipped and counted under its reason code ("missing_field", "empty_reply", ...)
+with file:line, or with data.bad_records="error" a SourceError naming file:line and the reason.
+data.source="builtin" is the built-in demo conversations / pairs (data/demo_tasks.py).
+`skip_reports(dataset)` finds the SkipReports under any of these datasets.
+
 Train / validation for local files: a separate glob (`valid_path`), or a deterministic split
 by a hash of the text (`split_of`, like the built-in corpus: identical texts always land in the
 same split, so duplicates cannot leak). build_local_tfds uses the same hash, so a tfds dataset
@@ -42,9 +52,12 @@ import os
 import re
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+import logging
+
 import grain
 import numpy as np
 
+from geb_jax.data import chat_records
 from geb_jax.data.bad_input import DEFAULT_MAX_RECORD_BYTES, SkipReport, SourceError
 from geb_jax.data.local_files import BAD_RECORDS, SUFFIXES, TXT_UNITS, LocalSource
 
@@ -73,8 +86,11 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     tfds_train_split="train",  # tfds split read for split="train"
     tfds_valid_split="validation",  # tfds split read for split="valid"
     mixture=(),                # mixture: [{"source": ..., "weight": w, ...}, ...]
+    format="auto",             # sft / dpo records: a layout of data/chat_records.py, or "auto"
 )
 _ENTRY_KEYS = (set(DATA_DEFAULTS) - {"mixture"}) | {"weight", "name"}
+
+log = logging.getLogger(__name__)
 
 
 
@@ -132,11 +148,24 @@ class _Subset:
         return f"_Subset({self.name}, {len(self)} of {len(self.source)})"
 
 
-def hash_split_indices(source, valid_fraction: float) -> dict[str, np.ndarray]:
-    """{"train": indices, "valid": indices} of a source's documents by `split_of` (one pass)."""
+def _doc_text(doc) -> str:
+    return doc["text"]
+
+
+def hash_split_indices(source, valid_fraction: float, text_of=None) -> dict[str, np.ndarray]:
+    """{"train": indices, "valid": indices} of a source's documents by `split_of` (one pass).
+
+    `text_of(doc)` is the text hashed (default doc["text"]; for chat records the canonical
+    record, chat_records.canonical_text). A None document (an unvalidated bad record) is "train".
+    """
     valid_fraction = _check_fraction(valid_fraction)
-    is_valid = np.fromiter((split_of(source[i]["text"], valid_fraction) == "valid"
-                            for i in range(len(source))), bool, count=len(source))
+    text_of = text_of or _doc_text
+
+    def is_valid(i: int) -> bool:
+        doc = source[i]
+        return doc is not None and split_of(text_of(doc), valid_fraction) == "valid"
+
+    is_valid = np.fromiter((is_valid(i) for i in range(len(source))), bool, count=len(source))
     return {"train": np.flatnonzero(~is_valid), "valid": np.flatnonzero(is_valid)}
 
 
@@ -262,6 +291,16 @@ def tfds_documents(name: str, *, data_dir: str | os.PathLike | None, split: str,
     Elements: the example's features with bytes decoded to str, and "text" = feature `field`.
     data_dir None means tfds' default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
     """
+    data, full = _tfds_data_source(name, data_dir, split)
+    features = getattr(getattr(data, "dataset_info", None), "features", None)
+    if features is not None and hasattr(features, "keys") and field not in features.keys():
+        raise SourceError(f"tfds dataset {full!r} has no feature {field!r} (its features: "
+                          f"{', '.join(map(repr, sorted(features.keys())))})")
+    return grain.MapDataset.source(data).map(_DecodeTfds(field, lang, f"tfds {full} {split}"))
+
+
+def _tfds_data_source(name: str, data_dir, split: str):
+    """(tfds.data_source of a prepared dataset's split, its full name); never downloads."""
     import tensorflow_datasets as tfds
 
     data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else default_tfds_data_dir()
@@ -279,11 +318,74 @@ def tfds_documents(name: str, *, data_dir: str | os.PathLike | None, split: str,
             f"tfds dataset {full!r} in {data_dir!r} was prepared as "
             f"{info.get('fileFormat', 'tfrecord')!r}, which has no random access (and needs "
             f"TensorFlow): prepare it again with file_format='array_record'") from e
-    features = getattr(getattr(data, "dataset_info", None), "features", None)
-    if features is not None and hasattr(features, "keys") and field not in features.keys():
-        raise SourceError(f"tfds dataset {full!r} has no feature {field!r} (its features: "
-                          f"{', '.join(map(repr, sorted(features.keys())))})")
-    return grain.MapDataset.source(data).map(_DecodeTfds(field, lang, f"tfds {full} {split}"))
+    return data, full
+
+
+def plain(value: Any) -> Any:
+    """A tfds example as plain Python: UTF-8 bytes -> str, numpy arrays / scalars -> lists /
+    numbers, recursively (so chat_records sees what a JSON line would hold)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()] if value.ndim else plain(value.item())
+    if isinstance(value, np.generic):
+        return plain(value.item())
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+class TfdsRecords:
+    """Random-access chat records of a tfds split: plain(example) -> convert -> canonical.
+
+    validate=True checks every example once here (bad ones leave the index, counted in
+    `skipped`); otherwise a bad example reads as None (grain drops it), counted when read.
+    strict (bad_records="error") raises a SourceError naming the example and the reason.
+    """
+
+    def __init__(self, data, where: str, convert, *, lang: str | None = None,
+                 validate: bool = True, strict: bool = False):
+        self.data, self.where, self.convert = data, where, convert
+        self.lang, self.strict = lang or None, strict
+        self.skipped = SkipReport()
+        self.indices = None
+        if validate:
+            good = [i for i in range(len(data)) if self._record(i) is not None]
+            if not good:
+                raise SourceError(f"nothing usable in {where}: {len(data)} examples - "
+                                  f"{self.skipped.summary()}")
+            if len(good) != len(data):
+                self.indices = np.asarray(good, np.int64)
+        if self.skipped.total:
+            log.warning("%s: %s (see TfdsRecords.skipped)", where, self.skipped.summary())
+
+    def _record(self, i: int) -> dict | None:
+        where = f"{self.where}[{i}]"
+        try:
+            record = self.convert(plain(self.data[i]))
+        except chat_records.RecordError as e:
+            if self.strict:
+                raise SourceError(f"{where}: {e.reason}: {e.detail}") from None
+            self.skipped.add(e.reason, where, e.detail)
+            return None
+        record["source"] = where
+        if self.lang:
+            record["lang"] = self.lang
+        return record
+
+    def __len__(self) -> int:
+        return len(self.data) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return self._record(int(index) if self.indices is None else int(self.indices[index]))
+
+    def __repr__(self) -> str:
+        return f"TfdsRecords({self.where}, {len(self)} records, {self.skipped.summary()})"
 
 
 # ----------------------------------------------------------------------------- config
@@ -316,26 +418,33 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _local_from_config(config: Any, split: str, what: str) -> grain.MapDataset:
+def _local_from_config(config: Any, split: str, what: str, convert=None) -> grain.MapDataset:
+    """Local documents of `split`; with `convert` (chat records) whole records, converted."""
     path, valid_path = _get(config, "path"), _get(config, "valid_path")
     if not path and not (split == "valid" and valid_path):
-        raise SourceError(f"{what}.path is empty: set it to a glob of .txt / .jsonl / "
-                          f".jsonl.gz / .parquet files, e.g. 'data/*.jsonl'")
+        kinds = ".jsonl / .jsonl.gz / .parquet" if convert else \
+            ".txt / .jsonl / .jsonl.gz / .parquet"
+        raise SourceError(f"{what}.path is empty: set it to a glob of {kinds} files, e.g. "
+                          f"'data/*.jsonl'")
     common = dict(field=_get(config, "field"), lang=_get(config, "lang") or None,
                   txt_unit=_get(config, "txt_unit"), validate=bool(_get(config, "validate")),
                   bad_records=_get(config, "bad_records"),
                   max_record_bytes=_get(config, "max_record_bytes"))
+    if convert is not None:
+        common["convert"] = convert
     if valid_path:  # separate validation files: each split is all of its files
-        return local_documents(valid_path if split == "valid" else path, **common)
+        return grain.MapDataset.source(LocalSource(valid_path if split == "valid" else path,
+                                                   **common))
     valid_fraction = _check_fraction(_get(config, "valid_fraction"))
     if valid_fraction == 0:
         if split == "valid":
             raise SourceError(f"{what} has no validation documents: set {what}.valid_path to "
                               f"a glob, or {what}.valid_fraction > 0 to hold out a share of "
                               f"{what}.path")
-        return local_documents(path, **common)
+        return grain.MapDataset.source(LocalSource(path, **common))
     source = LocalSource(path, **common)
-    indices = hash_split_indices(source, valid_fraction)[split]
+    text_of = chat_records.canonical_text if convert is not None else None
+    indices = hash_split_indices(source, valid_fraction, text_of)[split]
     if len(indices) == 0:
         raise SourceError(f"the {split!r} split of {path!r} is empty ({len(source)} documents, "
                           f"valid_fraction={valid_fraction})")
@@ -389,6 +498,12 @@ def documents_from_config(data_config: Any, split: str, tokenizer=None
         raise SourceError(f"unknown data.source {source!r}; expected one of {SOURCES}")
     if source != "mixture":
         return _single_from_config(data_config, split, "data", tokenizer)
+    return _mixture_from_config(
+        data_config, lambda entry, what: _single_from_config(entry, split, what, tokenizer))
+
+
+def _mixture_from_config(data_config: Any, build) -> Mixture:
+    """data.mixture checked entry by entry; build(entry, what) makes each dataset."""
     entries = list(_get(data_config, "mixture") or ())
     if not entries:
         raise SourceError("data.source is 'mixture' but data.mixture is empty: give a list "
@@ -410,7 +525,7 @@ def documents_from_config(data_config: Any, split: str, tokenizer=None
         name = str(entry.get("name") or f"{i}_{entry['source']}")
         if name in datasets:
             raise SourceError(f"{what}: duplicate mixture name {name!r}")
-        datasets[name] = _single_from_config(entry, split, what, tokenizer)
+        datasets[name] = build(entry, what)
         weights[name] = float(weight)
     return Mixture(datasets, weights)
 
@@ -429,10 +544,114 @@ def texts_source_from_config(data_config: Any, split: str, *, seed: int,
     return docs
 
 
+# ----------------------------------------------------------------------------- SFT / DPO
+RECORD_SOURCES = ("builtin", "local", "tfds", "mixture")
+
+
+def _builtin_records(stage: str, split: str) -> list[dict]:
+    from geb_jax.data import pipeline
+    return (pipeline.builtin_sft_conversations(split) if stage == "sft"
+            else pipeline.builtin_dpo_pairs(split))
+
+
+def _records_single(config: Any, split: str, what: str, stage: str) -> grain.MapDataset | list:
+    source = _get(config, "source")
+    if source == "builtin":
+        return _builtin_records(stage, split)
+    try:
+        convert = chat_records.normalizer(stage, _get(config, "format"))
+    except ValueError as e:
+        raise SourceError(f"{what}: {e}") from None
+    if source == "local":
+        return _local_from_config(config, split, what, convert=convert)
+    if source == "tfds":
+        name = _get(config, "tfds_name")
+        if not name:
+            raise SourceError(f"{what}.tfds_name is empty: set it to a prepared dataset")
+        tfds_split = _get(config, "tfds_train_split" if split == "train"
+                          else "tfds_valid_split")
+        bad_records = _get(config, "bad_records")
+        if bad_records not in BAD_RECORDS:
+            raise SourceError(f"{what}.bad_records must be one of {BAD_RECORDS}, got "
+                              f"{bad_records!r}")
+        data, full = _tfds_data_source(name, _get(config, "tfds_data_dir") or None, tfds_split)
+        return grain.MapDataset.source(TfdsRecords(
+            data, f"tfds {full} {tfds_split}", convert, lang=_get(config, "lang") or None,
+            validate=bool(_get(config, "validate")), strict=bad_records == "error"))
+    if source == "mixture":
+        raise SourceError(f"{what}: a mixture entry cannot itself be a mixture")
+    if source == "pretokenized":
+        raise SourceError(f"{what}.source='pretokenized' holds token ids without roles; the "
+                          f"{stage} stage reads {RECORD_SOURCES}")
+    raise SourceError(f"unknown {what}.source {source!r}; the {stage} stage reads one of "
+                      f"{RECORD_SOURCES}")
+
+
+def records_source_from_config(data_config: Any, split: str, *, stage: str, seed: int):
+    """The SFT conversations ({"messages": [...]}) or DPO pairs ({"prompt", "chosen",
+    "rejected"}) of `split` that config.data describes, for stage "sft" / "dpo".
+
+    data.source: "builtin" (the demo sets, a list), "local" (.jsonl / .jsonl.gz / .parquet by
+    glob; file:line known), "tfds" (a prepared dataset) or "mixture" of those (pipeline.mixture
+    with `seed`). Records go through data/chat_records.py with data.format. Train / valid split
+    as for pretraining: data.valid_path, or a hash of the canonical record (data.valid_fraction).
+    """
+    if stage not in ("sft", "dpo"):
+        raise SourceError(f"records are read by the sft and dpo stages, not {stage!r}")
+    _check_split(split)
+    if _get(data_config, "source") != "mixture":
+        return _records_single(data_config, split, "data", stage)
+    mix = _mixture_from_config(data_config, lambda entry, what: _as_map(
+        _records_single(entry, split, what, stage)))
+    from geb_jax.data import pipeline
+    return pipeline.mixture(mix.datasets, mix.weights, seed)
+
+
+def _as_map(records):
+    return records if isinstance(records, grain.MapDataset) else grain.MapDataset.source(records)
+
+
+def conversations_source_from_config(data_config: Any, split: str, *, seed: int):
+    """SFT conversations {"messages": [...]} for pipeline.sft_dataset (records_source_...)."""
+    return records_source_from_config(data_config, split, stage="sft", seed=seed)
+
+
+def pairs_source_from_config(data_config: Any, split: str, *, seed: int):
+    """DPO pairs {"prompt", "chosen", "rejected"} for pipeline.dpo_dataset."""
+    return records_source_from_config(data_config, split, stage="dpo", seed=seed)
+
+
+def skip_reports(dataset) -> dict[str, SkipReport]:
+    """{source description: SkipReport} of every local / tfds source under a dataset (a
+    MapDataset, a mixture, a pipeline's IterDataset): what was skipped as bad input."""
+    found: dict[str, SkipReport] = {}
+    seen: set[int] = set()
+    stack = [dataset]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        source = getattr(node, "_source", None)
+        if isinstance(source, _Subset):
+            source = source.source
+        if isinstance(source, (LocalSource, TfdsRecords)):
+            name = str(source.pattern if isinstance(source, LocalSource) else source.where)
+            key, k = name, 1
+            while key in found:  # the same files in two mixture entries
+                k += 1
+                key = f"{name} ({k})"
+            found[key] = source.skipped
+        stack.extend(getattr(node, "parents", ()) or ())
+    return found
+
+
 __all__ = [
     "SOURCES", "SPLITS", "TXT_UNITS", "SUFFIXES", "BAD_RECORDS", "DATA_DEFAULTS",
     "SourceError", "SkipReport", "LocalSource", "local_source",
     "Mixture", "local_documents", "builtin_source", "tfds_documents", "find_prepared_tfds",
     "documents_from_config", "texts_source_from_config", "split_of", "text_hash",
-    "hash_split_indices", "default_tfds_data_dir",
+    "hash_split_indices", "default_tfds_data_dir", "RECORD_SOURCES", "TfdsRecords", "plain",
+    "records_source_from_config", "conversations_source_from_config",
+    "pairs_source_from_config", "skip_reports",
 ]

@@ -37,17 +37,53 @@ def stage_tokenizer(config: ml_collections.ConfigDict, model_config: ModelConfig
 
 
 def _dataset(config, stage: str, tokenizer: Tokenizer, split: str, seed: int):
+    """The stage's batches of `split`. Pretraining reads texts (sources.texts_source_from_config);
+    SFT and DPO read chat records from the same sources (sources.conversations_source_from_config
+    / pairs_source_from_config: local files, tfds, mixtures, or data.source="builtin" for the
+    demo sets), each record converted by data/chat_records.py per data.format."""
     common = dict(seq_len=config.train.seq_len,
                   batch_size=config.train.batch_size // jax.process_count(), seed=seed,
                   shard_index=jax.process_index(), shard_count=jax.process_count())
+    stats = pipeline.PipelineStats()
+    name = f"data ({stage}, {split})"
     if stage == "pretrain":
         texts = sources.texts_source_from_config(config.data, split, seed=seed,
                                                  tokenizer=tokenizer)
-        return pipeline.pretrain_dataset(texts, tokenizer, **common)
+        return _with_report(pipeline.pretrain_dataset(texts, tokenizer, stats=stats, **common),
+                            texts, stats)
     if stage == "sft":
-        return pipeline.sft_dataset(pipeline.builtin_sft_conversations(split), tokenizer,
-                                    **common)
-    return pipeline.dpo_dataset(pipeline.builtin_dpo_pairs(split), tokenizer, **common)
+        records = sources.conversations_source_from_config(config.data, split, seed=seed)
+        return _with_report(pipeline.sft_dataset(records, tokenizer, stats=stats, name=name,
+                                                 **common), records, stats)
+    records = sources.pairs_source_from_config(config.data, split, seed=seed)
+    return _with_report(pipeline.dpo_dataset(records, tokenizer, stats=stats, name=name,
+                                             **common), records, stats)
+
+
+def _with_report(dataset, source, stats: pipeline.PipelineStats):
+    """Keeps what input_report needs on the dataset object (grain datasets take attributes)."""
+    dataset.geb_input = (sources.skip_reports(source), stats)
+    return dataset
+
+
+def input_report(dataset) -> dict:
+    """What the stage's input left out or cut, for the run's log / metrics:
+
+    {"skipped": {reason: n}, "examples": ["file:line: reason", ...], plus PipelineStats counts
+    ("conversations" / "pairs" / "documents" encoded so far, "truncated" SFT conversations cut
+    to seq_len + 1, "prompt_truncated" / "reply_truncated" DPO pairs)}. Bad records are counted
+    when the source is built (validated) and also logged then, as a warning naming the reasons.
+    """
+    reports, stats = getattr(dataset, "geb_input", ({}, pipeline.PipelineStats()))
+    skipped: dict[str, int] = {}
+    examples: list[str] = []
+    for report in reports.values():
+        info = report.as_dict()
+        for reason, n in info["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        examples += info["examples"]
+    return {"skipped": dict(sorted(skipped.items())), "examples": examples[:5],
+            **stats.as_dict()}
 
 
 def train_dataset(config, stage: str, tokenizer: Tokenizer):

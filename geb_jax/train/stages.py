@@ -29,6 +29,8 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
             if section not in merged:
                 raise ConfigError(f"config.stage_overrides.{stage}.{section} names no section.")
             for key, value in values.items():
+                if value is None:  # an unset per-stage field (config_base.stage_data_fields)
+                    continue
                 if key not in merged[section]:
                     raise ConfigError(f"config.stage_overrides.{stage}.{section}.{key} names no "
                                       f"field of config.{section}.")
