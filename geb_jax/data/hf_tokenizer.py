@@ -32,7 +32,7 @@ import os
 from typing import Any, Iterable, Sequence
 
 from geb_jax.data import gguf_vocab
-from geb_jax.data.tokenizer import Tokenizer, TokenizerError
+from geb_jax.data.tokenizer import Tokenizer, TokenizerError, check_vocab_fits
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -218,16 +218,8 @@ class HFTokenizer:
     # -- consistency with the model ---------------------------------------------------------
     def check_matches_model(self, model_vocab_size: int, allow_padding: bool = False) -> None:
         """Raise TokenizerError unless the model's vocab_size fits (see Tokenizer's method)."""
-        where = self.path or "<in-memory tokenizer>"
-        ok = (model_vocab_size >= self.vocab_size) if allow_padding else (
-            model_vocab_size == self.vocab_size)
-        if not ok:
-            need = "at least" if allow_padding else "exactly"
-            raise TokenizerError(
-                f"tokenizer/model vocabulary mismatch: tokenizer {where} has vocab_size "
-                f"{self.vocab_size} but the model has vocab_size {model_vocab_size}; the model "
-                f"needs {need} {self.vocab_size} (set ModelConfig.vocab_size="
-                f"{self.vocab_size})")
+        check_vocab_fits(self.vocab_size, model_vocab_size, allow_padding,
+                         self.path or "<in-memory tokenizer>")
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> str:

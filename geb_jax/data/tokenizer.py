@@ -301,19 +301,24 @@ class Tokenizer:
         allow_padding=True a larger model vocabulary is accepted (unused embedding rows); a
         smaller one is always an error because some token ids would index past the embedding.
         """
-        where = self.path or "<in-memory model>"
-        ok = (model_vocab_size >= self.vocab_size) if allow_padding else (
-            model_vocab_size == self.vocab_size)
-        if not ok:
-            need = "at least" if allow_padding else "exactly"
-            raise TokenizerError(
-                f"tokenizer/model vocabulary mismatch: tokenizer {where} has vocab_size "
-                f"{self.vocab_size} but the model has vocab_size {model_vocab_size}; the model "
-                f"needs {need} {self.vocab_size} (set ModelConfig.vocab_size="
-                f"{self.vocab_size})")
+        check_vocab_fits(self.vocab_size, model_vocab_size, allow_padding,
+                         self.path or "<in-memory model>")
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, path={self.path!r})"
+
+
+def check_vocab_fits(tokenizer_vocab: int, model_vocab: int, allow_padding: bool,
+                     where: str) -> None:
+    """TokenizerError unless a model of `model_vocab` rows can embed every token id (equal, or
+    larger with allow_padding). Shared by every tokenizer backend."""
+    ok = model_vocab >= tokenizer_vocab if allow_padding else model_vocab == tokenizer_vocab
+    if not ok:
+        need = "at least" if allow_padding else "exactly"
+        raise TokenizerError(
+            f"tokenizer/model vocabulary mismatch: tokenizer {where} has vocab_size "
+            f"{tokenizer_vocab} but the model has vocab_size {model_vocab}; the model needs "
+            f"{need} {tokenizer_vocab} (set ModelConfig.vocab_size={tokenizer_vocab})")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str | os.PathLike,
