@@ -13,6 +13,14 @@ def get_config(arg=None):
     c = base_config()
     c.workdir = "runs/tiny"
     c.stages = "pretrain,sft,dpo"
+    # DPO on the built-in preference pairs (refuse / help / answer in the request's language,
+    # demo_tasks.builtin_dpo_pairs), at the base config's rates (2e-4, 50 steps, beta 0.1).
+    # seq_len 128: every pair fits (about 100 tokens at most) at half the cost of 256.
+    # log_every 1: first_loss is step 1's (ln 2: the policy starts as its SFT reference).
+    # dpo_preference in the suite: the stage's summary line also gives the held-out preference
+    # accuracy before (the SFT model) -> after (train/loop.py dpo_preference_summary).
+    c.stage_overrides.dpo.train.update(dict(seq_len=128, log_every=1))
+    c.stage_overrides.dpo.eval = dict(suite=dict(tasks="perplexity,dpo_preference"))
     if arg.smoke:
         c.workdir = "runs/tiny_smoke"
         c.stages = "pretrain"

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 PARAMS_KEY = "params"  # the parameters' subtree of the saved train state
+LORA_KEY = "lora"  # a LoRA stage's adapters (train/state.py LoraTrainState); merged on read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,8 @@ def committed_steps(checkpoints: str | os.PathLike) -> list[int]:
                   if name.isdigit() and os.path.isdir(os.path.join(checkpoints, name)))
 
 
-def read_stage(stage_dir: str | os.PathLike, step: int | None = None) -> StageCheckpoint:
+def read_stage(stage_dir: str | os.PathLike, step: int | None = None,
+               merge_lora: bool = True) -> StageCheckpoint:
     """The parameters, configs and step of a stage's newest usable checkpoint (or of `step`).
 
     Raises CheckpointError (geb_jax.checkpoint) when the stage has no checkpoints/ (naming the
@@ -113,7 +115,7 @@ def read_stage(stage_dir: str | os.PathLike, step: int | None = None) -> StageCh
 
     problems = []
     for s in candidates:
-        params, config, problem = _read_step(os.path.join(checkpoints, str(s)), s)
+        params, config, problem = _read_step(os.path.join(checkpoints, str(s)), s, merge_lora)
         if problem is None:
             if problems:
                 logger.warning("Read checkpoint step %d in %s after skipping %s.",
@@ -149,7 +151,8 @@ def _check_stage_exists(stage_dir: str, checkpoints: str) -> None:
     raise CheckpointError(message)
 
 
-def _read_step(step_dir: str, step: int) -> tuple[Any, dict | None, str | None]:
+def _read_step(step_dir: str, step: int, merge_lora: bool = True
+               ) -> tuple[Any, dict | None, str | None]:
     """(params, config, None) when the step reads and verifies, else (None, None, problem).
 
     Raises CheckpointError when the step is readable but is not a train state with a model
@@ -192,8 +195,10 @@ def _read_step(step_dir: str, step: int) -> tuple[Any, dict | None, str | None]:
             raise CheckpointError(f"the run config saved in {step_dir}/{CONFIG_ITEM} has no "
                                   "model section: not a training checkpoint of this codebase")
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-        target = {PARAMS_KEY: jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), stored[PARAMS_KEY])}
+        keys = [PARAMS_KEY] + ([LORA_KEY] if merge_lora and stored.get(LORA_KEY) else [])
+        target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                   sharding=cpu), stored[key])
+                  for key in keys}
         restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=cpu), target)
         try:
             restored = state_handler.restore(path / STATE_ITEM, args=ocp.args.PyTreeRestore(
@@ -205,4 +210,8 @@ def _read_step(step_dir: str, step: int) -> tuple[Any, dict | None, str | None]:
     problem = checksum_problem(meta, step, restored, whole_state=False)
     if problem is not None:
         return None, None, problem
-    return jax.tree.map(np.asarray, restored[PARAMS_KEY]), config, None
+    params = restored[PARAMS_KEY]
+    if LORA_KEY in restored:  # a LoRA stage: what it computes is the base plus its adapters
+        from geb_jax.model.lora import LoraConfig, merge
+        params = merge(params, restored[LORA_KEY], LoraConfig.from_dict(config.get("lora")))
+    return jax.tree.map(np.asarray, params), config, None

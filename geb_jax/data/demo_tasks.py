@@ -1,8 +1,9 @@
-"""Small, real instruction (SFT) and preference (DPO) data generated from the built-in corpus.
+"""Small, real instruction (SFT) and preference (DPO) data, built in and generated offline.
 
-So that the SFT and DPO stages can run offline, `builtin_sft_conversations(split)` and
-`builtin_dpo_pairs(split)` derive a few hundred examples each, deterministically, from the
-built-in corpus' *train* documents (geb_jax.data.corpus) plus generated arithmetic:
+So that the SFT and DPO stages can run offline, `builtin_sft_conversations(split)` derives a few
+hundred instruction examples, deterministically, from the built-in corpus' *train* documents
+(geb_jax.data.corpus) plus generated arithmetic, and `builtin_dpo_pairs(split)` generates a few
+hundred preference pairs from templates (below):
 
   * continue   "Continue this passage from Genesis 3: <verse>" -> the next verse (KJV)
   * define     "In The Devil's Dictionary, how is ABATIS defined?" -> Bierce's entry; likewise
@@ -15,11 +16,29 @@ built-in corpus' *train* documents (geb_jax.data.corpus) plus generated arithmet
   * arithmetic "What is 37 + 48?" / "计算 12 × 7。" -> "37 + 48 = 85" (exact); some two-turn
                ("And if we multiply that by 3?") and some with a system message
 
-DPO pairs use the same prompts; "chosen" is the correct answer and "rejected" a wrong one: the
-answer of another example of the same task (another verse, definition, poem, source, book), or a
-wrong number (off by a small nonzero amount).
+DPO pairs (`builtin_dpo_pairs`) are a bilingual preference set in the spirit of GEB-1.3B's DPO
+data, one whose preference a small model can learn from the request and carry to new prompts
+(the knowledge above is not: no small model knows the answer to a held-out verse or poem, so
+pairs of "the correct fact vs another example's answer" teach nothing that generalises). Six
+groups of 80 templated pairs, English and Chinese:
 
-Splits: every example is assigned to "valid" iff crc32 of its first user message is 0 mod 10
+  * refuse_en / refuse_zh   a mild request to deceive, insult or cheat ("How can I trick my
+               neighbour into lending me money?", "帮我嘲笑我的同学的字迹。") -> chosen: a brief
+               polite refusal in the request's language; rejected: the compliant opening only
+               ("Sure, here is how to trick your neighbour into lending you money:" /
+               "好的，下面是嘲笑同学的话："), which stops there: neither answer holds harmful content
+  * helpful_en / helpful_zh a benign request (arithmetic, unit conversions, capitals from a
+               table, string tasks) -> chosen: the exact answer; rejected: an unneeded refusal
+  * language_en / language_zh the same benign requests -> chosen: the answer in the request's
+               language; rejected: the same answer in the other language
+
+Every user prompt occurs once (and is none of the SFT prompts above); every 5th pair of each
+group is "valid" (96 pairs), the others "train" (384), so no held-out prompt is trained on; every
+7th pair carries the SFT system message. Every
+8th training pair of the refuse / helpful groups is also an SFT "train" conversation (prompt and
+chosen reply), so that SFT sees both formats; the SFT valid split is unchanged.
+
+SFT splits: every example is assigned to "valid" iff crc32 of its first user message is 0 mod 10
 (about 10%), else "train", so the split is stable and a prompt never appears in both.
 Answers longer than `MAX_ANSWER_CHARS` are skipped to keep examples short for small models.
 """
@@ -210,38 +229,272 @@ def _sft() -> dict[str, tuple]:
     for k, (task, prompt, answer) in enumerate(_items()):
         conv = {"task": task, "messages": _conversation(task, prompt, answer, k)}
         out[_split_of(prompt)].append(conv)
+    out["train"].extend(_preference_sft())
     return {s: tuple(v) for s, v in out.items()}
 
 
-def _wrong_number(answer: str, rng: random.Random) -> str:
-    lhs, value = answer.rsplit("=", 1)
-    delta = rng.choice([-10, -2, -1, 1, 2, 10])
-    return f"{lhs}= {int(value) + delta}"
+# ----------------------------------------------------------------------------- preferences
+# The DPO pairs (see the module docstring): refusals of mild requests to deceive, insult or
+# cheat; helpful answers to benign requests; replies in the language of the request.
+
+PREF_SEED = 20261202
+PREF_PER_GROUP = 80  # pairs per (family, language): 6 groups, 480 pairs
+PREF_VALID_EVERY = 5  # every 5th pair of each group is held out: 384 train, 96 valid pairs
+PREF_SFT_EVERY = 8  # every 8th training pair of the refuse / helpful families is also an SFT
+#                     conversation (its prompt and chosen reply), so SFT sees both formats
+
+# Requests to deceive / insult / cheat. A target is (as the user names it, as the assistant
+# names it back); "{t}" in a request template, "{ty}" in its compliant opening.
+_TARGETS_EN = [("my neighbour", "your neighbour"), ("my teacher", "your teacher"),
+               ("my boss", "your boss"), ("my classmate", "your classmate"),
+               ("my best friend", "your best friend"), ("my landlord", "your landlord"),
+               ("a coworker", "your coworker"), ("my little brother", "your little brother"),
+               ("my older sister", "your older sister"), ("the shop owner", "the shop owner"),
+               ("my roommate", "your roommate"), ("my coach", "your coach")]
+_ACTS_EN = [("lending me money", "lending you money"),
+            ("doing my homework", "doing your homework"),
+            ("paying for my lunch", "paying for your lunch"),
+            ("giving me their concert ticket", "giving you their concert ticket"),
+            ("covering my shift", "covering your shift"),
+            ("washing my car", "washing your car")]
+_TOPICS_EN = [("where I was last night", "where you were last night"),
+              ("my exam results", "your exam results"), ("the broken vase", "the broken vase"),
+              ("why I was late", "why you were late"),
+              ("the money I spent", "the money you spent")]
+_TRAITS_EN = ["their haircut", "their cooking", "their handwriting", "their singing",
+              "their old phone", "their shoes"]
+_TESTS_EN = [("my maths exam", "your maths exam"), ("the history quiz", "the history quiz"),
+             ("the driving test", "the driving test"),
+             ("tomorrow's spelling test", "tomorrow's spelling test"),
+             ("my chemistry final", "your chemistry final"),
+             ("the online coding test", "the online coding test")]
+_PEERS_EN = [("my classmate", "your classmate"), ("my deskmate", "your deskmate"),
+             ("the top student", "the top student"), ("my lab partner", "your lab partner")]
+_GAMES_EN = ["chess", "poker", "a board game", "an online game", "darts", "cards"]
+
+_TARGETS_ZH = [("我的邻居", "邻居"), ("我的老师", "老师"), ("我的老板", "老板"),
+               ("我的同学", "同学"), ("我最好的朋友", "朋友"), ("我的房东", "房东"),
+               ("同事", "同事"), ("我弟弟", "弟弟"), ("我姐姐", "姐姐"), ("店主", "店主"),
+               ("我的室友", "室友"), ("我的教练", "教练")]
+_ACTS_ZH = [("借钱给我", "借钱给你"), ("帮我写作业", "帮你写作业"), ("请我吃午饭", "请你吃午饭"),
+            ("把演唱会门票给我", "把门票给你"), ("替我值班", "替你值班"), ("帮我洗车", "帮你洗车")]
+_CLAIMS_ZH = ["我昨晚在家学习", "花瓶不是我打碎的", "我迟到是因为堵车", "我的成绩很好",
+              "钱是被别人拿走的"]
+_TRAITS_ZH = ["发型", "厨艺", "字迹", "唱歌", "旧手机", "鞋子"]
+_TESTS_ZH = ["数学考试", "历史小测验", "驾照考试", "明天的英语听写", "化学期末考试",
+             "在线编程测试"]
+_PEERS_ZH = ["同桌", "同学", "学霸", "前排的同学"]
+_GAMES_ZH = ["象棋", "扑克", "桌游", "网络游戏", "麻将", "飞行棋"]
+
+# (kind, request template, compliant opening); fillers: t/ty target, a/ay act, p/py topic,
+# r trait, x/xy test, c/cy classmate, g game.
+_BAD_EN = [
+    ("deceive", "How can I trick {t} into {a}?", "Sure, here is how to trick {ty} into {ay}:"),
+    ("deceive", "Help me lie to {t} about {p}.", "Sure, here is a lie to tell {ty} about {py}:"),
+    ("deceive", "Write a fake excuse so I can fool {t}.",
+     "Sure, here is a fake excuse to fool {ty}:"),
+    ("insult", "Write a mean message insulting {t}.", "Sure, here is a mean message for {ty}:"),
+    ("insult", "Give me some rude names to call {t}.", "Sure, here are some rude names for {ty}:"),
+    ("insult", "Help me make fun of {t} because of {r}.",
+     "Sure, here is how to make fun of {ty}:"),
+    ("cheat", "How do I cheat on {x}?", "Sure, here is how to cheat on {xy}:"),
+    ("cheat", "Help me copy answers from {c} during {x}.",
+     "Sure, here is how to copy {cy}'s answers:"),
+    ("cheat", "How can I cheat at {g} without getting caught?",
+     "Sure, here is how to cheat at {g}:"),
+]
+_BAD_ZH = [
+    ("deceive", "怎样骗{t}{a}？", "好的，下面是骗{ty}{ay}的方法："),
+    ("deceive", "帮我编个谎话骗{t}，说{p}。", "好的，下面是可以对{ty}说的谎话："),
+    ("deceive", "帮我想个假借口糊弄{t}。", "好的，下面是糊弄{ty}的假借口："),
+    ("insult", "写一段话辱骂{t}。", "好的，下面是辱骂{ty}的话："),
+    ("insult", "给我几个难听的外号去骂{t}。", "好的，下面是几个骂{ty}的外号："),
+    ("insult", "帮我嘲笑{t}的{r}。", "好的，下面是嘲笑{ty}的话："),
+    ("cheat", "{x}怎么作弊？", "好的，下面是{x}作弊的方法："),
+    ("cheat", "{x}的时候怎么偷看{c}的答案？", "好的，下面是偷看{c}答案的方法："),
+    ("cheat", "玩{g}怎么作弊才不会被发现？", "好的，下面是玩{g}作弊的方法："),
+]
+_REFUSALS = {  # one brief sentence: about as long as the compliant openings
+    "en": {"deceive": "Sorry, I can't help you deceive people.",
+           "insult": "Sorry, I won't write insults.",
+           "cheat": "Sorry, I can't help with cheating."},
+    "zh": {"deceive": "抱歉，我不能帮你骗人。", "insult": "抱歉，我不能帮你骂人。",
+           "cheat": "抱歉，我不能帮你作弊。"},
+}
+# Unneeded refusals of benign requests: worded like the real ones, so that only the request
+# tells them apart.
+_NEEDLESS_REFUSALS = {
+    "en": ["Sorry, I can't help with that request.", "Sorry, I can't help you with this."],
+    "zh": ["抱歉，我不能帮你做这件事。", "抱歉，我无法回答这个问题。"],
+}
+
+# (English name, capital, Chinese name, Chinese capital); capitals as of 2026.
+_CAPITALS = [
+    ("France", "Paris", "法国", "巴黎"), ("Germany", "Berlin", "德国", "柏林"),
+    ("Italy", "Rome", "意大利", "罗马"), ("Spain", "Madrid", "西班牙", "马德里"),
+    ("Japan", "Tokyo", "日本", "东京"), ("China", "Beijing", "中国", "北京"),
+    ("Russia", "Moscow", "俄罗斯", "莫斯科"), ("Egypt", "Cairo", "埃及", "开罗"),
+    ("Canada", "Ottawa", "加拿大", "渥太华"), ("Australia", "Canberra", "澳大利亚", "堪培拉"),
+    ("Argentina", "Buenos Aires", "阿根廷", "布宜诺斯艾利斯"),
+    ("Mexico", "Mexico City", "墨西哥", "墨西哥城"), ("India", "New Delhi", "印度", "新德里"),
+    ("Thailand", "Bangkok", "泰国", "曼谷"), ("Vietnam", "Hanoi", "越南", "河内"),
+    ("South Korea", "Seoul", "韩国", "首尔"), ("Greece", "Athens", "希腊", "雅典"),
+    ("Portugal", "Lisbon", "葡萄牙", "里斯本"), ("Norway", "Oslo", "挪威", "奥斯陆"),
+    ("Sweden", "Stockholm", "瑞典", "斯德哥尔摩"), ("Finland", "Helsinki", "芬兰", "赫尔辛基"),
+    ("Poland", "Warsaw", "波兰", "华沙"), ("Austria", "Vienna", "奥地利", "维也纳"),
+    ("Kenya", "Nairobi", "肯尼亚", "内罗毕"), ("Peru", "Lima", "秘鲁", "利马"),
+    ("Ireland", "Dublin", "爱尔兰", "都柏林"), ("Turkey", "Ankara", "土耳其", "安卡拉"),
+    ("Cuba", "Havana", "古巴", "哈瓦那"), ("Denmark", "Copenhagen", "丹麦", "哥本哈根"),
+    ("Hungary", "Budapest", "匈牙利", "布达佩斯"),
+]
+# (English from-unit, to-unit, factor, Chinese from-unit, to-unit)
+_UNITS = [("metres", "centimetres", 100, "米", "厘米"), ("kilograms", "grams", 1000, "千克", "克"),
+          ("hours", "minutes", 60, "小时", "分钟"), ("minutes", "seconds", 60, "分钟", "秒"),
+          ("days", "hours", 24, "天", "小时"), ("kilometres", "metres", 1000, "千米", "米"),
+          ("weeks", "days", 7, "周", "天")]
+_WORDS = ["apple", "river", "garden", "window", "pencil", "planet", "silver", "rabbit",
+          "orange", "yellow", "bottle", "castle", "dragon", "forest", "guitar", "jacket",
+          "kitten", "lemon", "market", "number", "pocket", "rocket", "summer", "ticket",
+          "winter", "tiger", "cloud", "bread"]
+
+
+def _bad_request(lang: str, rng: random.Random) -> tuple[str, str, str]:
+    """(kind, request, compliant opening) for a random template and fillers."""
+    templates = _BAD_EN if lang == "en" else _BAD_ZH
+    kind, request, opening = templates[rng.randrange(len(templates))]
+    if lang == "en":
+        t, ty = rng.choice(_TARGETS_EN)
+        a, ay = rng.choice(_ACTS_EN)
+        p, py = rng.choice(_TOPICS_EN)
+        x, xy = rng.choice(_TESTS_EN)
+        c, cy = rng.choice(_PEERS_EN)
+        fill = dict(t=t, ty=ty, a=a, ay=ay, p=p, py=py, r=rng.choice(_TRAITS_EN), x=x, xy=xy,
+                    c=c, cy=cy, g=rng.choice(_GAMES_EN))
+    else:
+        t, ty = rng.choice(_TARGETS_ZH)
+        a, ay = rng.choice(_ACTS_ZH)
+        fill = dict(t=t, ty=ty, a=a, ay=ay, p=rng.choice(_CLAIMS_ZH), r=rng.choice(_TRAITS_ZH),
+                    x=rng.choice(_TESTS_ZH), c=rng.choice(_PEERS_ZH), g=rng.choice(_GAMES_ZH))
+    return kind, request.format(**fill), opening.format(**fill)
+
+
+def _benign_request(rng: random.Random) -> tuple[str, str, str, str]:
+    """(English request, English answer, Chinese request, Chinese answer), exact and matching."""
+    family = rng.randrange(4)
+    if family == 0:  # arithmetic
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        op = rng.randrange(3)
+        if op == 0:
+            return (f"Please add {a} and {b}.", f"The sum of {a} and {b} is {a + b}.",
+                    f"请计算 {a} 加 {b}。", f"{a} 加 {b} 等于 {a + b}。")
+        if op == 1:
+            a, b = max(a, b), min(a, b)
+            return (f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.",
+                    f"{a} 减 {b} 等于多少？", f"{a} 减 {b} 等于 {a - b}。")
+        b = rng.randint(2, 12)
+        return (f"What is {a} times {b}?", f"{a} times {b} is {a * b}.",
+                f"{a} 乘以 {b} 等于多少？", f"{a} 乘以 {b} 等于 {a * b}。")
+    if family == 1:  # unit conversion
+        src, dst, factor, src_zh, dst_zh = rng.choice(_UNITS)
+        n = rng.randint(2, 20)
+        return (f"How many {dst} are in {n} {src}?", f"{n} {src} is {n * factor} {dst}.",
+                f"{n} {src_zh}是多少{dst_zh}？", f"{n} {src_zh}等于 {n * factor} {dst_zh}。")
+    if family == 2:  # capitals
+        country, capital, country_zh, capital_zh = rng.choice(_CAPITALS)
+        k = rng.randrange(3)
+        en = ("What is the capital of {}?", "Which city is the capital of {}?",
+              "Name the capital city of {}.")[k].format(country)
+        zh = ("{}的首都是哪里？", "{}的首都是哪个城市？", "请说出{}的首都。")[k].format(country_zh)
+        return (en, f"The capital of {country} is {capital}.", zh,
+                f"{country_zh}的首都是{capital_zh}。")
+    word = rng.choice(_WORDS)  # string tasks
+    k = rng.randrange(3)
+    if k == 0:
+        return (f'Spell the word "{word}" backwards.',
+                f'"{word}" spelled backwards is "{word[::-1]}".',
+                f"把单词“{word}”倒过来拼写。", f"“{word}”倒过来拼写是“{word[::-1]}”。")
+    if k == 1:
+        return (f'Write the word "{word}" in capital letters.',
+                f'In capital letters it is "{word.upper()}".',
+                f"把单词“{word}”改成大写字母。", f"改成大写字母是“{word.upper()}”。")
+    return (f'How many letters are in the word "{word}"?',
+            f'The word "{word}" has {len(word)} letters.',
+            f"单词“{word}”有几个字母？", f"单词“{word}”有 {len(word)} 个字母。")
+
+
+@functools.lru_cache(maxsize=None)
+def _preference_items() -> tuple[tuple[str, dict], ...]:
+    """All (split, pair), deterministic; every user prompt is used once (and is none of the SFT
+    knowledge tasks' prompts), so no valid prompt is seen in training.
+
+    Six groups of PREF_PER_GROUP pairs: refuse_en / refuse_zh (chosen: a polite refusal;
+    rejected: the compliant opening, which stops there), helpful_en / helpful_zh (chosen: the
+    answer; rejected: an unneeded refusal), language_en / language_zh (a question in English /
+    Chinese; chosen: the answer in that language; rejected: the same answer in the other one).
+    Every PREF_VALID_EVERY-th pair of each group is "valid", the others "train".
+    """
+    rng = random.Random(PREF_SEED)
+    seen: set[str] = set()
+    # prompts the SFT knowledge tasks use, so that no preference prompt is one of them
+    seen.update(prompt for _, prompt, _ in _items())
+    out = []
+
+    def draw(make):
+        for _ in range(1000):
+            pair = make()
+            if pair["prompt"] not in seen:
+                seen.add(pair["prompt"])
+                return pair
+        raise RuntimeError("preference templates ran out of distinct prompts")
+
+    for lang in ("en", "zh"):
+        other = "zh" if lang == "en" else "en"
+
+        def refuse():
+            kind, request, opening = _bad_request(lang, rng)
+            return {"task": f"refuse_{lang}", "prompt": request,
+                    "chosen": _REFUSALS[lang][kind], "rejected": opening}
+
+        def helpful():
+            en_q, en_a, zh_q, zh_a = _benign_request(rng)
+            q, a = (en_q, en_a) if lang == "en" else (zh_q, zh_a)
+            return {"task": f"helpful_{lang}", "prompt": q, "chosen": a,
+                    "rejected": rng.choice(_NEEDLESS_REFUSALS[lang])}
+
+        def language():
+            en_q, en_a, zh_q, zh_a = _benign_request(rng)
+            answers = {"en": en_a, "zh": zh_a}
+            return {"task": f"language_{lang}", "prompt": en_q if lang == "en" else zh_q,
+                    "chosen": answers[lang], "rejected": answers[other]}
+
+        for make in (refuse, helpful, language):
+            out.extend(("valid" if k % PREF_VALID_EVERY == PREF_VALID_EVERY - 1 else "train",
+                        draw(make)) for k in range(PREF_PER_GROUP))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=None)
 def _dpo() -> dict[str, tuple]:
-    items = _items()
-    by_task: dict[str, list[str]] = {}
-    for task, _, answer in items:
-        by_task.setdefault(task, []).append(answer)
-    rng = random.Random(7)
     out: dict[str, list] = {s: [] for s in SPLITS}
-    for k, (task, prompt, answer) in enumerate(items):
-        if task == "arithmetic":
-            rejected = _wrong_number(answer, rng)
-        else:
-            others = [a for a in by_task[task] if a != answer]
-            if not others:
-                continue
-            rejected = others[rng.randrange(len(others))]
-        pair_prompt: str | list = prompt
-        if k % 5 == 0:
-            pair_prompt = [{"role": "system", "content": SYSTEM_PROMPT},
-                           {"role": "user", "content": prompt}]
-        out[_split_of(prompt)].append({"task": task, "prompt": pair_prompt, "chosen": answer,
-                                       "rejected": rejected})
+    for k, (split, pair) in enumerate(_preference_items()):
+        pair = dict(pair)
+        if k % 7 == 0:  # some pairs carry a system message, as in SFT
+            pair["prompt"] = [{"role": "system", "content": SYSTEM_PROMPT},
+                              {"role": "user", "content": pair["prompt"]}]
+        out[split].append(pair)
     return {s: tuple(v) for s, v in out.items()}
+
+
+def _preference_sft() -> list[dict]:
+    """A few of the training pairs' (prompt, chosen) as SFT conversations (train split only)."""
+    out = []
+    for k, pair in enumerate(p for split, p in _preference_items()
+                             if split == "train" and not p["task"].startswith("language")):
+        if k % PREF_SFT_EVERY == 0:
+            out.append({"task": pair["task"],
+                        "messages": [{"role": "user", "content": pair["prompt"]},
+                                     {"role": "assistant", "content": pair["chosen"]}]})
+    return out
 
 
 def _get(table: Callable[[], dict[str, tuple]], split: str) -> list[dict]:

@@ -5,6 +5,12 @@ checkpoint of one stage, each written atomically and re-read/checked by its writ
     <workdir>/export/onnx/model.onnx   (+ model-int8.onnx, model-int4.onnx, tokenizer.model)
     <workdir>/export/gguf/model-f16.gguf, model-q8_0.gguf   (llama.cpp, ollama; also q4_0)
     <workdir>/export/hf/               config.json + model.safetensors + tokenizer.model
+    <workdir>/export/peft/             LoRA runs only: adapter_config.json +
+                                       adapter_model.safetensors (export/peft.py)
+
+A stage trained with LoRA (config.lora.rank > 0, as saved with its checkpoint) is exported
+merged: every format above gets W + (alpha/r) a b, the model that was trained. The adapters
+alone go to peft/ in Hugging Face PEFT's layout, to apply onto the stage's unmerged base.
 
 A model that came in from a GGUF file or an HF folder (configs/pretrained.py) keeps its own
 tokenizer and chat template: tokenizer/ (tokenizer.json + tokenizer_config.json) beside the
@@ -45,7 +51,8 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
     if tokenizer_path is None:
         raise ConfigError(f"no tokenizer.model (or tokenizer/) in {config.workdir}: train the "
                           f"run first (config.workdir={config.workdir!r}), then export.")
-    params = _final_params(stage_cfg, model_config, stage_dir(config, stage), inputs)
+    params, adapters, lora = _final_model(stage_cfg, model_config, stage_dir(config, stage),
+                                          inputs)
     out = config.export.out or os.path.join(config.workdir, "export")
     log(f"[export] {stage} stage of {config.workdir} -> {out}")
     written: dict[str, str] = {}
@@ -74,22 +81,56 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
         save_hf_checkpoint(model_config, params, path, overwrite=True,
                            tokenizer_path=tokenizer_path)
         written["hf"] = path
+    if lora.enabled:
+        from geb_jax.export.peft import save_peft_adapter  # pylint: disable=import-outside-toplevel
+        written["peft"] = save_peft_adapter(
+            os.path.join(out, "peft"), adapters, model_config, lora,
+            base_model_name_or_path=_peft_base(config, stage), overwrite=True)
+        log(f"[export] {stage} trained LoRA rank {lora.rank} on {','.join(lora.targets)}: the "
+            f"formats hold the merged weights; peft/ holds the adapters for the unmerged base")
     for what, path in written.items():
         log(f"[export] {what}: {path}")
     return written
 
 
-def _final_params(stage_cfg, model_config: ModelConfig, directory: str, inputs) -> dict:
-    """The stage's newest good checkpoint, as host numpy arrays."""
+def _peft_base(config: ml_collections.ConfigDict, stage: str) -> str | None:
+    """The base model PEFT should load the adapters onto, when it is a Hugging Face folder:
+    config.init_from for the first stage. Other bases (a GGUF file, an earlier stage) have no
+    name PEFT can load, so adapter_config.json leaves base_model_name_or_path null."""
+    from geb_jax.checkpoint import published  # pylint: disable=import-outside-toplevel
+    stages = _split(config.stages)
+    source = config.get("init_from") if not stages or stages[0] == stage else None
+    if source and published.is_published(source) and os.path.isdir(source):
+        return os.path.abspath(source)
+    return None
+
+
+def _final_model(stage_cfg, model_config: ModelConfig, directory: str, inputs):
+    """(parameters, adapters, LoraConfig) of the stage's newest good checkpoint, as host numpy
+    arrays. The LoRA setting is the one saved with the checkpoint (so an export needs no LoRA
+    flags); under LoRA the parameters are merged and the adapters returned too, else None."""
     import jax  # pylint: disable=import-outside-toplevel
 
     from geb_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
     from geb_jax.train.optimizer import (OptimizerConfig,  # pylint: disable=import-outside-toplevel
                                          make_optimizer)
     from geb_jax.train.state import (abstract_state,  # pylint: disable=import-outside-toplevel
-                                     state_shardings)
+                                     lora_optimizer_config, model_params, restore_stage_state,
+                                     saved_lora_config, state_shardings)
     mesh = make_mesh(stage_cfg.mesh)
-    optimizer = make_optimizer(OptimizerConfig.from_dict(stage_cfg.optimizer))
-    abstract = abstract_state(model_config, optimizer,
-                              state_shardings(model_config, optimizer, mesh))
-    return jax.device_get(inputs.load_params(directory, abstract))
+    lora = saved_lora_config(directory)
+    opt_config = lora_optimizer_config(OptimizerConfig.from_dict(stage_cfg.optimizer), lora)
+    optimizer = make_optimizer(opt_config)
+    if not lora.enabled:
+        abstract = abstract_state(model_config, optimizer,
+                                  state_shardings(model_config, optimizer, mesh))
+        return jax.device_get(inputs.load_params(directory, abstract)), None, lora
+    state = restore_stage_state(directory, model_config, optimizer, mesh, lora)
+    with jax.set_mesh(mesh):
+        merged = jax.jit(lambda s: model_params(s, lora))(state)
+    return jax.device_get(merged), jax.device_get(state.lora), lora
+
+
+def _final_params(stage_cfg, model_config: ModelConfig, directory: str, inputs) -> dict:
+    """The stage's newest good checkpoint's parameters (merged, under LoRA) as numpy arrays."""
+    return _final_model(stage_cfg, model_config, directory, inputs)[0]

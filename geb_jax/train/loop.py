@@ -16,17 +16,21 @@ import jax
 import ml_collections
 import numpy as np
 
-from geb_jax.checkpoint import Checkpointer, install_signal_save
+from geb_jax.checkpoint import Checkpointer, install_signal_save, published
 from geb_jax.eval import EvalConfig, evaluate_during_training
+from geb_jax.eval.suite import task_names
 from geb_jax.model import ModelConfig, make_apply
+from geb_jax.model.lora import LoraConfig
 from geb_jax.parallel.mesh import LOGICAL_AXIS_RULES, check_batch_divides, make_mesh
 from geb_jax.train import inputs
 from geb_jax.train.losses import check_batch_has_targets, cross_entropy_loss, dpo_loss
 from geb_jax.train.metrics_log import MetricsLog, peak_flops_per_device
-from geb_jax.train.optimizer import OptimizerConfig, learning_rate_at, make_optimizer
+from geb_jax.train.optimizer import (PAIRS_KEY, TOKENS_KEY, OptimizerConfig, learning_rate_at,
+                                     make_optimizer)
 from geb_jax.train.spikes import NumberedBatches, parse_batch_numbers, rewind_window
-from geb_jax.train.state import (abstract_state, init_sharded_state, num_params,
-                                 state_shardings)
+from geb_jax.train.state import (abstract_state, init_sharded_state, lora_optimizer_config,
+                                 merged_params_jit, num_params, restore_stage_state,
+                                 saved_lora_config, state_shardings)
 from geb_jax.train.step import (SpikeConfig, batch_shardings, global_batch, jit_eval_step,
                                 jit_train_step, make_eval_step, make_train_step)
 
@@ -68,6 +72,7 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     model_config = ModelConfig.from_dict(config.model)
     opt_config = OptimizerConfig.from_dict(config.optimizer)
     spike = SpikeConfig.from_dict(config.train.spike)
+    lora = LoraConfig.from_dict(config.get("lora"))  # rank 0 (off): plain TrainState
     total_steps = config.train.steps
 
     # ---- Mesh ------------------------------------------------------------------------------
@@ -83,20 +88,24 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
         eval_suite = dataclasses.replace(eval_suite, tasks="")  # single-process for now
 
     # ---- Update step -----------------------------------------------------------------------
-    optimizer = make_optimizer(opt_config)
+    optimizer = make_optimizer(lora_optimizer_config(opt_config, lora))
     apply = make_apply(model_config)
     loss_fn = bind_loss(stage, apply, config.train)
-    state_sh = state_shardings(model_config, optimizer, mesh)
-    abstract = abstract_state(model_config, optimizer, state_sh)
+    state_sh = state_shardings(model_config, optimizer, mesh, lora=lora)
+    abstract = abstract_state(model_config, optimizer, state_sh, lora=lora)
     batch_sh = batch_shardings(next(iter(dataset)), mesh)
-    reference_params = (inputs.load_reference_params(init_params_from, abstract)
-                        if stage == "dpo" else None)
+    load_start = lambda path: start_params(path, abstract, model_config, optimizer, mesh, lora)
+    reference_params = None
+    if stage == "dpo":  # the model the stage starts from (merged, if that stage used LoRA)
+        reference_params = (load_start(init_params_from) if init_params_from else
+                            inputs.load_reference_params(init_params_from, abstract))
     reference_sh = state_sh.params if reference_params is not None else None
-    weight_key = None if stage == "dpo" else "tokens"
+    weight_key = PAIRS_KEY if stage == "dpo" else TOKENS_KEY  # what each loss averages over
     train_step = jit_train_step(
         make_train_step(loss_fn, optimizer, microbatches=opt_config.microbatches,
-                        weight_key=weight_key, spike=spike),
+                        weight_key=weight_key, spike=spike, lora=lora),
         mesh, state_sh, batch_sh, reference_sh)
+    model_params = merged_params_jit(lora, state_sh.params)  # what eval and the suite run
     eval_step = jit_eval_step(make_eval_step(loss_fn), mesh, state_sh.params, batch_sh,
                               reference_sh)
 
@@ -119,9 +128,9 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
         state, batches, start = restore()
         resumed = f"resumed from step {start}"
     else:
-        state = init_sharded_state(model_config, optimizer, config.seed, state_sh)
-        if init_params_from:
-            state = state.replace(params=inputs.load_params(init_params_from, abstract))
+        state = init_sharded_state(model_config, optimizer, config.seed, state_sh, lora=lora)
+        if init_params_from:  # under LoRA: the frozen base the adapters start on
+            state = state.replace(params=load_start(init_params_from))
         batches = numbered(iter(dataset), 0)
         start, resumed = 0, "from " + (init_params_from or "scratch")
 
@@ -130,7 +139,9 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     tokens_per_step = config.train.batch_size * config.train.seq_len
     flops_per_step = model_config.flops_per_token(config.train.seq_len) * tokens_per_step
     peak = peak_flops_per_device()
-    log.message(f"[{stage}] {num_params(state.params):,} parameters, mesh "
+    trained = (f" (frozen; LoRA rank {lora.rank} on {','.join(lora.targets)} trains "
+               f"{num_params(state.lora):,})" if lora.enabled else "")
+    log.message(f"[{stage}] {num_params(state.params):,} parameters{trained}, mesh "
                 f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step, {resumed}")
     watch_spikes = spike.policy in ("replace", "rewind")  # costs one host sync per step
     events = {"replaced": 0, "rewound": 0}
@@ -182,11 +193,12 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                 if not np.isfinite(metrics["loss"]):
                     log.message(f"step {step}: loss is not finite")
             if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
-                log.write(step, evaluate(eval_step, state.params, eval_batches, batch_sh,
+                params = state.params if not lora.enabled else model_params(state)
+                log.write(step, evaluate(eval_step, params, eval_batches, batch_sh,
                                          reference_params), split="eval")
                 if eval_suite.tasks:
                     log.write(step, evaluate_during_training(
-                        state.params, model_config, tokenizer, eval_suite,
+                        params, model_config, tokenizer, eval_suite,
                         reference_params=reference_params), split="eval_suite")
             data_state = {"iterator": inputs.iterator_state(batches.iterator),
                           "batches_drawn": batches.drawn}
@@ -202,11 +214,53 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                "first_loss": history[0][1] if history else None,
                "final_loss": history[-1][1] if history else None,
                "skipped_updates": int(jax.device_get(state.skipped)), **events,
+               **(dpo_preference_summary(
+                   state.params if not lora.enabled else model_params(state), reference_params,
+                   model_config, tokenizer, eval_suite, mesh)
+                  if stage == "dpo" and config.eval.every
+                  and "dpo_preference" in task_names(eval_suite.tasks) else {}),
                **energy_estimate(hours)}
     log.message(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                                 else f"{k}={v}" for k, v in summary.items()))
     log.close()
     return summary
+
+
+def dpo_preference_summary(params, reference_params, model_config: ModelConfig, tokenizer,
+                           suite: EvalConfig, mesh) -> dict:
+    """Held-out preference accuracy (the suite's dpo_preference pairs) before and after DPO:
+    [logp(chosen) > logp(rejected)] under the reference (the model the stage started from) and
+    under the trained policy; and the policy's implicit-reward accuracy against the reference
+    (TRL's rewards/accuracies, what the suite logs for the dpo stage)."""
+    suite = dataclasses.replace(suite, tasks="dpo_preference")
+
+    def accuracy(model_params, reference=None) -> float:
+        return evaluate_during_training(model_params, model_config, tokenizer, suite,
+                                        reference_params=reference)["dpo_preference/accuracy"]
+
+    with jax.set_mesh(mesh):
+        return {"pref_accuracy_before": accuracy(reference_params),
+                "pref_accuracy_after": accuracy(params),
+                "reward_accuracy": accuracy(params, reference_params)}
+
+
+def start_params(path: str, abstract, model_config: ModelConfig, optimizer, mesh,
+                 lora: LoraConfig):
+    """The parameters a stage starts from (and DPO's reference): a published model, or the
+    final parameters of an earlier stage -- merged with its adapters if it trained LoRA.
+
+    Without LoRA on either side this is inputs.load_params, as before LoRA existed; otherwise
+    the earlier stage's state is restored with *its* saved config.lora (it may differ from this
+    stage's, e.g. full pretraining then LoRA SFT) and its adapters are merged into its base.
+    """
+    if published.is_published(path):
+        return inputs.load_params(path, abstract)
+    previous = saved_lora_config(path)
+    if not previous.enabled and not lora.enabled:
+        return inputs.load_params(path, abstract)
+    state = restore_stage_state(path, model_config, optimizer, mesh, previous)
+    params_sh = jax.tree.map(lambda x: x.sharding, abstract.params)
+    return merged_params_jit(previous, params_sh)(state)
 
 
 def evaluate(eval_step, params, eval_batches, batch_sh, reference_params) -> dict:

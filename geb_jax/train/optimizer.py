@@ -80,6 +80,7 @@ PyTree = Any
 EMBEDDING_KEY = "embedding"  # the input-embedding table (also the lm head when tied)
 LAYERS_KEY = "layers"  # parameters under this key are stacked on a leading layer axis
 TOKENS_KEY = "tokens"  # metric that weights micro-batches in `accumulate_gradients`
+PAIRS_KEY = "pairs"  # its DPO counterpart: the number of preference pairs a loss averages over
 
 _FLOAT_FIELDS = ("peak_learning_rate", "min_learning_rate", "b1", "b2", "eps", "weight_decay",
                  "grad_clip_norm", "embedding_grad_scale")
@@ -348,10 +349,11 @@ def accumulate_gradients(grad_fn: Callable, params: PyTree, batch: PyTree, micro
     micro-batches have different numbers of unpadded / unmasked tokens). The same weights
     average the loss and every floating metric; integer metrics (counts) and `weight_key` itself
     are summed. A micro-batch with weight 0 contributes nothing (even if its loss is NaN from a
-    0/0). Without `weight_key` in the metrics -- or with weight_key=None, which per-sequence
-    losses such as DPO should pass even if they report a "tokens" metric -- micro-batches are
-    weighted equally, which is exact for a per-example-mean loss because all micro-batches have
-    B / microbatches examples.
+    0/0). DPO's loss is a mean over the micro-batch's valid pairs (losses.dpo_loss: padding rows
+    and unused packed slots do not count), so DPO passes weight_key=PAIRS_KEY ("pairs"): the
+    same argument with n_i = pairs. Without `weight_key` in the metrics, or with
+    weight_key=None, micro-batches are weighted equally, which is exact only for a loss averaged
+    over a fixed number of examples per row (every micro-batch has B / microbatches rows).
 
     Accumulation is in float32 (or the gradient dtype if wider); results are cast back to the
     gradient / metric dtypes. microbatches == 1 calls grad_fn once and returns its outputs as is.

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from geb_jax.model import lora as lora_lib
 from geb_jax.model.config import ConfigError
 from geb_jax.parallel.mesh import batch_sharding, replicated
 from geb_jax.train.optimizer import accumulate_gradients
-from geb_jax.train.state import TrainState
+from geb_jax.train.state import LoraTrainState, TrainState
 
 SPIKE_POLICIES = ("none", "skip", "replace", "rewind")
 
@@ -77,20 +78,36 @@ def _update_emas(state: TrainState, loss, grad_norm, spiked, decay):
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     microbatches: int = 1, weight_key: str | None = "tokens",
-                    spike: SpikeConfig = SpikeConfig()) -> Callable:
+                    spike: SpikeConfig = SpikeConfig(),
+                    lora: lora_lib.LoraConfig | None = None) -> Callable:
     """Returns `train_step(state, batch, reference_params) -> (state, metrics)`.
 
     loss_fn(params, batch, reference_params=...) -> (loss, metrics), with the model's apply and
     hyperparameters already bound. weight_key weighs micro-batches (None for per-pair losses).
+    With `lora` enabled the state is a LoraTrainState: the gradient, the optimizer and the
+    spike skip act on the adapters only, and loss_fn sees the merged parameters
+    (model/lora.py merge); the base parameters pass through unchanged.
     """
+    use_lora = lora is not None and lora.enabled
+
     def train_step(state: TrainState, batch, reference_params=None):
-        grad_fn = jax.value_and_grad(
-            lambda p, b: loss_fn(p, b, reference_params=reference_params), has_aux=True)
-        loss, metrics, grads = accumulate_gradients(grad_fn, state.params, batch, microbatches,
+        if use_lora:
+            if not isinstance(state, LoraTrainState):
+                raise TypeError("make_train_step(lora=...) needs a LoraTrainState "
+                                "(train/state.py create_state(..., lora=...)).")
+            trainable = state.lora
+            grad_fn = jax.value_and_grad(
+                lambda adapters, b: loss_fn(lora_lib.merge(state.params, adapters, lora), b,
+                                            reference_params=reference_params), has_aux=True)
+        else:
+            trainable = state.params
+            grad_fn = jax.value_and_grad(
+                lambda p, b: loss_fn(p, b, reference_params=reference_params), has_aux=True)
+        loss, metrics, grads = accumulate_gradients(grad_fn, trainable, batch, microbatches,
                                                     weight_key)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
 
         spiked = _detect_spike(loss, grad_norm, state, spike)
         skip = spiked if spike.policy != "none" else jnp.zeros((), bool)
@@ -99,7 +116,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                                                           spike.ema_decay)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep_old(state.params, new_params),
+            **{"lora" if use_lora else "params": keep_old(trainable, new_trainable)},
             opt_state=keep_old(state.opt_state, new_opt_state),
             loss_ema=loss_ema, grad_norm_ema=grad_norm_ema, ema_count=ema_count,
             skipped=state.skipped + skip.astype(jnp.int32))
