@@ -611,6 +611,7 @@ def test_cli_sft_from_jsonl(tmp_path):
     with open(workdir / "sft" / "metrics.jsonl") as f:
         steps = [json.loads(line) for line in f]
     assert [r["step"] for r in steps if r["split"] == "train"][-1] == 2
+    assert [r["no_assistant_turn"] for r in steps if r.get("event") == "input_skipped"] == [1]
     # the same command with bad_records=error stops with file:line and the reason
     proc = subprocess.run(cmd + ["--config.data.bad_records=error",
                                  f"--config.workdir={tmp_path / 'run2'}"],

@@ -143,6 +143,9 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                f"{num_params(state.lora):,})" if lora.enabled else "")
     log.message(f"[{stage}] {num_params(state.params):,} parameters{trained}, mesh "
                 f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step, {resumed}")
+    skipped = inputs.input_report(dataset)["skipped"]  # bad records left out, by reason
+    if skipped and start == 0:
+        log.event(start, "input_skipped", **skipped)
     watch_spikes = spike.policy in ("replace", "rewind")  # costs one host sync per step
     events = {"replaced": 0, "rewound": 0}
     history, t_start, t_last = [], time.time(), time.time()
