@@ -22,6 +22,7 @@ from geb_jax.model import lora as lora_lib
 from geb_jax.model.config import ConfigError
 from geb_jax.model.lora import LoraConfig
 from tests import numpy_reference
+from tests.test_stages import _first_logged  # one reader of a stage's step-1 metrics
 from tests.conftest import REPO_ROOT
 
 ALL = LoraConfig(rank=3, alpha=6.0)  # scale 2: far from 1, so a missing scale cannot hide
@@ -385,15 +386,6 @@ def lora_chain(tmp_path_factory):
     summaries = run_stages(config)
     written = export_stage(config, log=lambda *_: None)
     return config, summaries, written
-
-
-def _first_logged(workdir, stage):
-    with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record["split"] == "train" and record["step"] == 1:
-                return record
-    raise AssertionError(f"{stage}: no step-1 record")
 
 
 def test_stage_chain_hands_merged_params_on(lora_chain):
