@@ -163,6 +163,22 @@ def test_jax_backend_equals_engine_backend_and_reference(params, tokenizer, jax_
     assert cut == [greedy[0][:greedy[0].find(stop)]]
 
 
+def test_scoring_with_jax_and_decoding_with_the_engine_changes_no_result(params, tokenizer,
+                                                                         jax_model):
+    """The training-time suite's model (JAX scores, engine KV-cache decoding) gives the JAX
+    model's greedy replies and its log-likelihoods unchanged."""
+    from geb_jax.eval.jax_model import JaxScoringEngineDecoding
+    hybrid = JaxScoringEngineDecoding(params, CONFIG, tokenizer, batch_size=4)
+    bos = tokenizer.bos_id
+    prompts = [[bos] + tokenizer.encode(p) for p in ("Once upon", "1 + 1 =", "床前", "def")]
+    assert hybrid.generate(prompts, max_tokens=16, stop_token_ids=()) == \
+        jax_model.generate(prompts, max_tokens=16, stop_token_ids=())
+    requests = [([bos], tokenizer.encode("Hello there")), ([bos, 7], tokenizer.encode(" 4"))]
+    for (a, ga), (b, gb) in zip(hybrid.loglikelihood(requests),
+                                jax_model.loglikelihood(requests)):
+        assert ga == gb and a == pytest.approx(b, rel=1e-6)  # batch sizes differ: float order
+
+
 def test_sampling_is_seeded_and_tends_to_greedy(jax_model, tokenizer):
     prompts = [[tokenizer.bos_id] + tokenizer.encode("Once upon")] * 3
     a = jax_model.generate(prompts, max_tokens=10, temperature=1.0, seed=3, stop_token_ids=())

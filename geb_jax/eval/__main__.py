@@ -72,13 +72,15 @@ def _load_models(args, config: EvalConfig):
 
         def load(path):
             weights, tokenizer = load_model(path, tokenizer_path=args.tokenizer)
-            return EngineLanguageModel(Engine(weights), tokenizer, config.batch_size)
+            engine = Engine(weights, max_len=config.window(weights.config.max_seq_len))
+            return EngineLanguageModel(engine, tokenizer, config.batch_size)
         reference = load(args.reference_model) if args.reference_model else None
         return load(args.model), reference, {"model": args.model}
     from geb_jax.eval.jax_model import JaxLanguageModel
     from geb_jax.eval.loading import load_stage
     params, model_config, tokenizer, step = load_stage(args.workdir, args.stage, args.tokenizer)
-    model = JaxLanguageModel(params, model_config, tokenizer, config.batch_size)
+    window = config.window(model_config.max_seq_len)
+    model = JaxLanguageModel(params, model_config, tokenizer, config.batch_size, window)
     ref_stage = args.reference_stage
     if ref_stage is None:
         ref_stage = "sft" if args.stage == "dpo" else ""
@@ -88,7 +90,8 @@ def _load_models(args, config: EvalConfig):
         if ref_config != model_config:
             from geb_jax.eval.loading import EvalError
             raise EvalError(f"reference stage {ref_stage!r} has a different model config")
-        reference = JaxLanguageModel(ref_params, model_config, tokenizer, config.batch_size)
+        reference = JaxLanguageModel(ref_params, model_config, tokenizer, config.batch_size,
+                                     window)
     return model, reference, {"workdir": args.workdir, "stage": args.stage, "step": step,
                               "reference_stage": ref_stage or None}
 

@@ -157,3 +157,30 @@ class JaxLanguageModel(RollingLoglikelihood):
             for row, (i, ids) in enumerate(group):
                 texts[i] = cut_at_stop(self.tokenizer.decode(out[row, len(ids):ends[row]]), stop)
         return texts
+
+
+class JaxScoringEngineDecoding(JaxLanguageModel):
+    """Scores with the jitted JAX forward (batched) and generates with the numpy engine (KV
+    cache) on the same weights.
+
+    Why: the JAX model has no KV cache, so generating k tokens costs k full forward passes;
+    for a published model's evaluation during training that is minutes per suite on CPU. The
+    two generate paths give equal greedy replies (tests/test_eval.py compares them); samples
+    come from the engine's random stream. The float32 host copy of the weights is made on the
+    first generate call.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._engine_model = None
+
+    def generate(self, prompts: Sequence[Sequence[int]], **options) -> list[str]:
+        if self._engine_model is None:
+            from geb_jax.eval.engine_model import EngineLanguageModel
+            from geb_jax.infer import Engine
+            from geb_jax.infer.weights import Weights
+            weights = Weights.from_params(jax.device_get(self.params), self.model_config)
+            self._engine_model = EngineLanguageModel(Engine(weights, max_len=self.max_length),
+                                                     self.tokenizer, self.batch_size)
+        return self._engine_model.generate(prompts, **options)
+

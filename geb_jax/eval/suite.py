@@ -7,6 +7,7 @@ Tasks (comma-separated in EvalConfig.tasks):
                    SFT tasks' valid split
   dpo_preference   preference accuracy on the built-in DPO pairs' valid split (implicit reward
                    with a reference model, plain log-prob margin without)
+  refusal          greedy refusal rates on those pairs' held-out unethical and benign prompts
   mc:PATH          a local multiple-choice JSONL file (tasks.py), `shots`-shot
 
 `evaluate_during_training(params, model_config, tokenizer, eval_config)` returns a flat
@@ -21,19 +22,22 @@ from geb_jax.eval.generation import evaluate_sft_generation
 from geb_jax.eval.multiple_choice import evaluate_multiple_choice
 from geb_jax.eval.perplexity import perplexity
 from geb_jax.eval.preference import preference_accuracy
+from geb_jax.eval.refusal import refusal_rates
 from geb_jax.eval.scorer import LanguageModel
 from geb_jax.eval.tasks import LAYOUTS, STYLES, load_task_file
 from geb_jax.model.config import ConfigError
 
-BUILTIN_TASKS = ("perplexity", "sft_exact_match", "dpo_preference")
+BUILTIN_TASKS = ("perplexity", "sft_exact_match", "dpo_preference", "refusal")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     tasks: str = "perplexity"  # comma-separated, see the module docstring; "" = none
     max_documents: int = 16  # held-out documents for perplexity, evenly spaced; 0 = all
-    stride: int = 0  # sliding-window stride in tokens; 0 = the model's max_seq_len (disjoint)
+    stride: int = 0  # sliding-window stride in tokens; 0 = max_length (disjoint windows)
+    max_length: int = 0  # positions the model reads at once; 0 = the model's max_seq_len
     max_examples: int = 0  # SFT conversations / DPO pairs / MC questions, evenly spaced; 0 = all
+    # (refusal always asks all held-out unethical and benign prompts)
     max_new_tokens: int = 64
     samples: int = 0  # sampled replies per SFT problem for pass@k and maj1@k; 0 = greedy only
     temperature: float = 0.8  # for the samples
@@ -45,7 +49,8 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("max_documents", "stride", "max_examples", "samples", "shots", "seed"):
+        for name in ("max_documents", "stride", "max_length", "max_examples", "samples", "shots",
+                     "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"eval.{name} must be an integer >= 0, got "
                                   f"{getattr(self, name)!r}")
@@ -57,6 +62,10 @@ class EvalConfig:
         if not self.temperature >= 0:
             raise ConfigError(f"eval.temperature must be >= 0, got {self.temperature}")
         task_names(self.tasks)  # validates
+
+    def window(self, max_seq_len: int) -> int:
+        """Positions the evaluated model reads at once: max_length, at most max_seq_len."""
+        return min(self.max_length or max_seq_len, max_seq_len)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
@@ -109,6 +118,9 @@ def run_suite(model: LanguageModel, config: EvalConfig, *,
             pairs = evenly_spaced(builtin_dpo_pairs("valid"), config.max_examples)
             results[name] = preference_accuracy(model, pairs, reference=reference,
                                                 beta=config.dpo_beta)
+        elif name == "refusal":
+            results[name] = refusal_rates(model, builtin_dpo_pairs("valid"),
+                                          max_tokens=min(config.max_new_tokens, 32))
         else:
             items = load_task_file(name[3:])
             # Shots come from the whole file; the questions asked may be a subset.
@@ -137,11 +149,15 @@ def evaluate_during_training(params, model_config, tokenizer, config: EvalConfig
     """Run the suite on live (possibly sharded) parameters; flat floats for the metrics log.
 
     Cheap to call repeatedly: the jitted forward passes are cached per ModelConfig.
+    Generation tasks decode with the numpy engine's KV cache on a host copy of the weights.
     """
-    from geb_jax.eval.jax_model import JaxLanguageModel
+    from geb_jax.eval.jax_model import JaxLanguageModel, JaxScoringEngineDecoding
     if not isinstance(config, EvalConfig):
         config = EvalConfig.from_dict(config)
-    model = JaxLanguageModel(params, model_config, tokenizer, config.batch_size)
+    window = config.window(model_config.max_seq_len)
+    model = JaxScoringEngineDecoding(params, model_config, tokenizer, config.batch_size,
+                                     max_length=window)
     reference = (None if reference_params is None else
-                 JaxLanguageModel(reference_params, model_config, tokenizer, config.batch_size))
+                 JaxLanguageModel(reference_params, model_config, tokenizer, config.batch_size,
+                                  max_length=window))
     return flatten(run_suite(model, config, reference=reference, texts=texts))

@@ -150,8 +150,24 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     events = {"replaced": 0, "rewound": 0}
     history, t_start, t_last = [], time.time(), time.time()
     step, last_logged, retries = start, start, 0
+
+    suite_every = config.eval.get("suite_every", 0)
+
+    def run_eval(at_step: int) -> None:
+        params = state.params if not lora.enabled else model_params(state)
+        log.write(at_step, evaluate(eval_step, params, eval_batches, batch_sh,
+                                    reference_params), split="eval")
+        if eval_suite.tasks and (not suite_every or at_step % suite_every == 0
+                                 or at_step == total_steps):
+            log.write(at_step, evaluate_during_training(
+                params, model_config, tokenizer, eval_suite,
+                reference_params=reference_params), split="eval_suite")
+
     with install_signal_save() as stop, jax.set_mesh(mesh), \
             nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        if config.eval.every and config.eval.get("at_start") and start == 0:
+            run_eval(0)  # the model the stage starts from: the "before" of every metric
+            t_last = time.time()  # tokens/s counts training only
         while step < total_steps:
             step += 1
             host_batch = next(batches)
@@ -196,13 +212,7 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                 if not np.isfinite(metrics["loss"]):
                     log.message(f"step {step}: loss is not finite")
             if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
-                params = state.params if not lora.enabled else model_params(state)
-                log.write(step, evaluate(eval_step, params, eval_batches, batch_sh,
-                                         reference_params), split="eval")
-                if eval_suite.tasks:
-                    log.write(step, evaluate_during_training(
-                        params, model_config, tokenizer, eval_suite,
-                        reference_params=reference_params), split="eval_suite")
+                run_eval(step)
             data_state = {"iterator": inputs.iterator_state(batches.iterator),
                           "batches_drawn": batches.drawn}
             checkpointer.maybe_save(step, state, data_state, config.to_dict(),
@@ -223,6 +233,8 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                   if stage == "dpo" and config.eval.every
                   and "dpo_preference" in task_names(eval_suite.tasks) else {}),
                **energy_estimate(hours)}
+    log.write(step, {k: v for k, v in summary.items()
+                     if isinstance(v, (int, float))}, split="summary")
     log.message(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                                 else f"{k}={v}" for k, v in summary.items()))
     log.close()
