@@ -37,6 +37,10 @@ TEST_REQUIRES = [
     "torch==2.13.0",
     "transformers>=5.23.0,<5.24",
     "lm_eval>=0.4.13,<0.5",  # the adapter's offline test runs lm-eval's own CLI
+    # TRL's DPOTrainer: the third-party check of our DPO loss (tests/test_trl_dpo.py); PEFT:
+    # our LoRA adapters loaded as PEFT ones (tests/test_lora.py). Both pull in accelerate.
+    "trl>=1.16.0,<1.17",
+    "peft>=0.21.2,<0.22",
     # llama.cpp, the CPU-serving peer: built from source by pip (a few minutes); the README's
     # test command sets CMAKE_ARGS=-DGGML_NATIVE=OFF so one build runs on every CPU we get
     # (a native build died with SIGSEGV on an AVX-512/AMX Xeon). Tests run it in a child process.

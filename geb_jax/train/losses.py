@@ -58,7 +58,9 @@ DPO, as TRL's `DPOTrainer` (trl/trainer/dpo_trainer.py, `concatenated_forward` a
                `if self.loss_type == "ipo": all_logps = all_logps / loss_mask.sum(-1)`, for the
                policy and the reference alike, so precomputed reference log-probs for IPO must be
                averaged too (`dpo_reference_logps(..., loss_type="ipo")` does that) and the logged
-               "logps/*" and rewards are the averaged values, as in TRL.
+               "logps/*" and rewards are the averaged values (TRL <= 0.11 logged those; TRL 1.16
+               logs IPO's from the summed log-probs: the loss is the same,
+               tests/test_trl_dpo.py).
     h        = (logp_pi(y_c) - logp_pi(y_r)) - (logp_ref(y_c) - logp_ref(y_r))
     sigmoid: -(1 - ls) * log_sigmoid(beta * h) - ls * log_sigmoid(-beta * h)
              (DPO eq. 7, Rafailov et al. 2023; ls = label_smoothing > 0 is conservative DPO, cDPO)
