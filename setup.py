@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["geb_jax", "geb_jax.*"]),
     include_package_data=True,
-    package_data={"geb_jax": ["data/builtin/*", "data/clean/*.txt"]},
+    package_data={"geb_jax": ["data/builtin/*", "data/builtin/finetune/*/*", "data/clean/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     # Read by lm-eval releases that discover plugin models (after 0.4.13); until then use
