@@ -56,8 +56,12 @@ def get_config(arg=None):
     c.eval.suite.max_new_tokens = 48
     c.eval.suite.batch_size = 16
     # DPO's held-out reward margin and accuracy curve: the eval split's DPO metrics (the loss
-    # on data.valid_path pairs against the reference) every 5 steps.
-    c.stage_overrides.dpo.eval = dict(every=5)
+    # on data.valid_path pairs against the reference) every 10 steps.
+    c.stage_overrides.dpo.eval = dict(every=10)
+    # DPO + the chosen replies' NLL (TRL's loss_type=["sigmoid", "sft"], RPO): plain DPO here
+    # raised held-out preference accuracy to 0.98 but pushed rejected replies down more than
+    # it lifted chosen ones, and greedy replies to unethical requests refused less, not more.
+    c.stage_overrides.dpo.train.dpo_sft_weight = 1.0
     # Every pair fits in 128 tokens (about 100 at most in SmolLM2's template); 8 pairs a step.
     c.stage_overrides.dpo.train.update(dict(seq_len=128, batch_size=8))
     c.export.gguf_dtypes = "f16,q8_0"

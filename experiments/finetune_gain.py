@@ -153,6 +153,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated of {list(RUNS)}")
     p.add_argument("--out", default="runs/finetune_gain")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep stages that finished before (their measured.json exists)")
     p.add_argument("extra", nargs="*", help="more --config.* overrides for every stage")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -161,7 +163,14 @@ def main() -> int:
         workdir = os.path.abspath(os.path.join(args.out, name))
         results[name] = {}
         for stage in ("sft", "dpo"):
-            measured = run_stage(RUNS[name], workdir, stage, args.extra)
+            done = os.path.join(workdir, stage, "measured.json")
+            if args.reuse and os.path.exists(done):
+                with open(done, encoding="utf-8") as f:
+                    measured = json.load(f)
+            else:
+                measured = run_stage(RUNS[name], workdir, stage, args.extra)
+                with open(done, "w", encoding="utf-8") as f:
+                    json.dump(measured, f)
             results[name][stage] = {**measured, **summarize(workdir, stage)}
     info = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
             "cpu_flags": cpu_flags(), "cores": os.cpu_count(),

@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
         stage="pretrain",  # pretrain | sft | dpo: the loss and batch; the code path is shared
         steps=300, batch_size=8, seq_len=256, log_every=10, z_loss_weight=0.0,
         dpo_beta=0.1, dpo_loss_type="sigmoid", dpo_label_smoothing=0.0,
+        dpo_sft_weight=0.0,  # + this x the chosen replies' token NLL (TRL's "sft" loss, RPO)
         skip_batches=""))  # data batches never trained on, e.g. "2300-2500" (train/spikes.py)
     c.train.spike = ml_collections.ConfigDict(dict(  # train/step.py SpikeConfig
         policy="skip", loss_factor=2.0, grad_norm_factor=10.0, warmup_steps=20, ema_decay=0.95,

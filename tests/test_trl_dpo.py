@@ -50,6 +50,7 @@ BETA = 0.1
 # the perturbed policy prefers the chosen reply in two of them (margins +0.09 and more) and the
 # rejected one in the other two (-0.13, -0.20), so rewards/accuracies is 0.5, far from any tie.
 PAIRS = (0, 44, 68, 92)
+SFT_WEIGHT = 0.5  # our dpo_sft_weight; TRL: loss_type=["sigmoid", "sft"], loss_weights=[1, w]
 NOISE = 0.02  # of each perturbed matrix's std
 PERTURBED = (("layers", "attn", "o"), ("layers", "mlp", "down"))
 LOSS_REL = 1e-4
@@ -146,6 +147,7 @@ def ours(published, policy_params, batch):
                               static_argnames="loss_type")
     loss = jax.jit(functools.partial(dpo_loss, apply=apply, beta=BETA),
                    static_argnames="loss_type")
+    sft_loss = jax.jit(functools.partial(dpo_loss, apply=apply, beta=BETA, sft_weight=SFT_WEIGHT))
     ref = {t: reference_logps(published.params, batch, loss_type=t) for t in ("sigmoid", "ipo")}
     out = {}
     for name, params, loss_type in (("sigmoid", policy_params, "sigmoid"),
@@ -153,12 +155,17 @@ def ours(published, policy_params, batch):
                                     ("first_step", published.params, "sigmoid")):
         _, metrics = loss(params, {**batch, **ref[loss_type]}, loss_type=loss_type)
         out[name] = {k: float(v) for k, v in metrics.items()}
+    _, metrics = sft_loss(policy_params, {**batch, **ref["sigmoid"]})
+    out["sigmoid_sft"] = {k: float(v) for k, v in metrics.items()}
     return out
 
 
 def _trl(hf_models, hf_folders, pairs, examples, *, policy, loss_type, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_folders["reference"])
-    args = trl.DPOConfig(output_dir=str(tmp_path), beta=BETA, loss_type=[loss_type],
+    weights = [1.0, SFT_WEIGHT] if loss_type == "sigmoid_sft" else None
+    loss_types = ["sigmoid", "sft"] if loss_type == "sigmoid_sft" else [loss_type]
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=BETA, loss_type=loss_types,
+                         loss_weights=weights,
                          max_length=None, bf16=False, fp16=False, use_cpu=True,
                          report_to="none", per_device_eval_batch_size=len(PAIRS),
                          precompute_ref_log_probs=False, disable_dropout=True)
@@ -192,7 +199,8 @@ def _messages(prompt):
 def theirs(hf_models, hf_folders, pairs, trl_examples, tmp_path_factory):
     out = {}
     for name, policy, loss_type in (("sigmoid", "policy", "sigmoid"), ("ipo", "policy", "ipo"),
-                                    ("first_step", "reference", "sigmoid")):
+                                    ("first_step", "reference", "sigmoid"),
+                                    ("sigmoid_sft", "policy", "sigmoid_sft")):
         out[name] = _trl(hf_models, hf_folders, pairs, trl_examples, policy=policy,
                          loss_type=loss_type, tmp_path=tmp_path_factory.mktemp("trl_" + name))
     return out
@@ -272,3 +280,14 @@ def test_ipo_loss_equals_trl(ours, theirs):
         assert abs(ours["sigmoid"][key] - trl_metrics[key]) <= REWARD_ABS, summed
     for key in METRICS[3:]:
         assert _rel(ours["sigmoid"][key], trl_metrics[key]) <= LOSS_REL, summed
+
+
+def test_dpo_plus_chosen_nll_equals_trl_sigmoid_plus_sft(ours, theirs):
+    """sft_weight adds the chosen replies' mean token NLL, as TRL's "sft" loss term does."""
+    mine, (trl_metrics, _, _) = ours["sigmoid_sft"], theirs["sigmoid_sft"]
+    assert mine["nll/chosen"] > 0.1
+    assert mine["loss"] == pytest.approx(ours["sigmoid"]["loss"] + SFT_WEIGHT * mine["nll/chosen"],
+                                         rel=1e-6)
+    assert _rel(mine["loss"], trl_metrics["loss"]) <= LOSS_REL, (mine["loss"], trl_metrics["loss"])
+    assert mine["rewards/accuracies"] == trl_metrics["rewards/accuracies"]
+

@@ -45,7 +45,8 @@ def bind_loss(stage: str, apply, train_config: ml_collections.ConfigDict):
         return lambda params, batch, reference_params: dpo_loss(
             params, batch, apply, reference_params=reference_params,
             beta=train_config.dpo_beta, loss_type=train_config.dpo_loss_type,
-            label_smoothing=train_config.dpo_label_smoothing)
+            label_smoothing=train_config.dpo_label_smoothing,
+            sft_weight=train_config.get("dpo_sft_weight", 0.0))
     return lambda params, batch, reference_params=None: cross_entropy_loss(
         params, batch, apply, z_loss_weight=train_config.z_loss_weight)
 

@@ -66,6 +66,8 @@ DPO, as TRL's `DPOTrainer` (trl/trainer/dpo_trainer.py, `concatenated_forward` a
              (DPO eq. 7, Rafailov et al. 2023; ls = label_smoothing > 0 is conservative DPO, cDPO)
     ipo:     (h - 1 / (2 * beta))**2                  (IPO eq. 17, Azar et al. 2023, tau = beta)
     hinge:   relu(1 - beta * h)                       (SLiC / RSO hinge)
+    + sft_weight * (mean NLL of the chosen replies' tokens over the batch)   (TRL's "sft" term
+             in loss_type=["sigmoid", "sft"], loss_weights=[1, sft_weight]; RPO)
     loss     = mean over pairs. TRL warns and ignores label_smoothing for "ipo" and "hinge"; here
                a nonzero label_smoothing with those loss types is an error.
     metrics (TRL names): rewards/chosen = mean beta * (logp_pi(y_c) - logp_ref(y_c)),
@@ -338,7 +340,7 @@ def dpo_reference_logps(reference_params, batch: Batch, apply: Apply, *,
 
 
 def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=0.1,
-             loss_type: str = "sigmoid", label_smoothing=0.0,
+             loss_type: str = "sigmoid", label_smoothing=0.0, sft_weight=0.0,
              max_pairs_per_row: int | None = None) -> tuple[Array, dict[str, Array]]:
     """DPO / cDPO / IPO / hinge preference loss as TRL's DPOTrainer; see the module docstring.
 
@@ -346,6 +348,8 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
     traced scalars. reference_params is only used when the batch has no reference log-probs.
     """
     _check_dpo_hyper(beta, loss_type, label_smoothing)
+    if _concrete(sft_weight) is not None and not _concrete(sft_weight) >= 0:
+        raise ValueError(f"DPO sft_weight must be >= 0, got {sft_weight}")
     packed = _is_packed(batch)
     num_slots = _num_pair_slots(batch, max_pairs_per_row)
     has_ref = ("reference_chosen_logps" in batch, "reference_rejected_logps" in batch)
@@ -386,7 +390,14 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
     def mean(x):
         return jnp.sum(jnp.where(valid > 0, x, 0.0)) / denom
 
-    loss = mean(losses)
+    # The chosen replies' mean token NLL over the batch (TRL's loss_type "sft"; RPO, Pang et
+    # al. 2024): added with sft_weight, it keeps the chosen replies likely while DPO pushes the
+    # rejected ones down -- without it both can fall, and a small model's greedy reply need
+    # not become the chosen one.
+    summed_c = pi_c * count_c if loss_type == "ipo" else pi_c
+    chosen_nll = -jnp.sum(jnp.where(valid > 0, summed_c, 0.0)) / jnp.maximum(
+        jnp.sum(jnp.where(valid > 0, count_c, 0.0)), 1.0)
+    loss = mean(losses) + sft_weight * chosen_nll
     reward_c = jax.lax.stop_gradient(beta * (pi_c - ref_c))
     reward_r = jax.lax.stop_gradient(beta * (pi_r - ref_r))
     metrics = {
@@ -397,6 +408,7 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
         "rewards/margins": mean(reward_c - reward_r),
         "logps/chosen": mean(jax.lax.stop_gradient(pi_c)),
         "logps/rejected": mean(jax.lax.stop_gradient(pi_r)),
+        "nll/chosen": jax.lax.stop_gradient(chosen_nll),
         "pairs": n_pairs,
     }
     return loss, metrics
