@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
         d_ff=512, max_seq_len=256, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
         norm_position="pre", dtype="float32", scan_layers=True, remat_policy="none",
-        attention_impl="auto", init_std=0.02))
+        attention_impl="auto", init_std=0.02,
+        loss_chunk_size=512))  # positions per chunk of the lm head + cross-entropy; 0 = dense
 
     c.optimizer = ml_collections.ConfigDict(dict(
         peak_learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20, total_steps=300,

@@ -7,8 +7,8 @@ import importlib
 
 from geb_jax.model.config import ConfigError, ModelConfig
 
-_FROM_TRANSFORMER = ("Transformer", "abstract_params", "init_params", "make_apply",
-                     "param_logical_axes")
+_FROM_TRANSFORMER = ("Transformer", "abstract_params", "init_params", "lm_head_weight",
+                     "make_apply", "param_logical_axes")
 
 __all__ = ["ConfigError", "ModelConfig", *_FROM_TRANSFORMER]
 

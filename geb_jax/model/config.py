@@ -38,6 +38,10 @@ class ModelConfig:
     remat_policy: str = "none"
     attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation.
     init_std: float = 0.02
+    # Cross-entropy without (B, T, V) logits (train/losses.py): the loss runs the lm head,
+    # log-softmax and target gather over chunks of this many sequence positions, recomputing each
+    # chunk's float32 (B, C, V) logits in the backward pass; 0 = one dense (B, T, V) pass.
+    loss_chunk_size: int = 512
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -59,6 +63,10 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        if (isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int)
+                or self.loss_chunk_size < 0):
+            raise ConfigError(f"model.loss_chunk_size must be an integer >= 0 (0: dense loss), "
+                              f"got {self.loss_chunk_size!r}.")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ConfigError("model.rope_theta and model.norm_eps must be positive.")
 

@@ -4,6 +4,15 @@ Read this first: `init_params(config, rng)` makes float32 parameters; `make_appl
 returns the pure `apply(params, tokens, positions, segment_ids) -> logits`. Layers are stored
 stacked on a leading `layers` axis whether or not the forward pass scans over them
 (`scan_layers=False` fully unrolls the same scan), so checkpoints do not depend on that switch.
+
+The returned `apply` also carries what a loss needs to run the lm head itself, chunk by chunk
+(train/losses.py, `model.loss_chunk_size`), without the (B, T, V) logits:
+    apply.hidden_states(params, tokens, positions, segment_ids) -> (B, T, D) final-norm output
+                                                                   in the compute dtype
+    apply.lm_head(params) -> (D, V) in the compute dtype: `lm_head`, or the tied embedding
+                             transposed
+    apply.config          -> the ModelConfig
+so that apply(...) == einsum("BTD,DV->BTV", apply.hidden_states(...), apply.lm_head(params)).
 """
 from __future__ import annotations
 
@@ -56,7 +65,10 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_bt: Array, positions_bt: Array, segment_ids_bt: Array) -> Array:
+    def __call__(self, tokens_bt: Array, positions_bt: Array, segment_ids_bt: Array,
+                 return_hidden: bool = False) -> Array:
+        """Logits (B, T, V); with return_hidden=True the final norm's output (B, T, D) instead,
+        in the compute dtype (the lm head is then left to the caller: `lm_head_weight`)."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         embedding_vd = self.param(
@@ -82,6 +94,8 @@ class Transformer(nn.Module):
         )
         x_btd, _ = stack(c, name="layers")(x_btd, cos, sin, mask_b1tt)
         x_btd = RMSNorm(c.norm_eps, dtype, name="final_norm")(x_btd)
+        if return_hidden:
+            return nn.with_logical_constraint(x_btd, _ACT_AXES)
 
         if c.tie_embeddings:
             logits_btv = jnp.einsum("BTD,VD->BTV", x_btd, embedding_vd.astype(dtype))
@@ -124,16 +138,38 @@ def param_logical_axes(config: ModelConfig) -> Params:
     return nn.get_partition_spec(boxed)
 
 
+def lm_head_weight(config: ModelConfig, params: Params) -> Array:
+    """The lm head as (D, V) in the compute dtype, exactly the weight the model's last einsum
+    uses: the untied `lm_head` parameter, or the tied embedding table transposed."""
+    dtype = jnp.dtype(config.dtype)
+    if config.tie_embeddings:
+        return jnp.asarray(params["embedding"]).astype(dtype).T
+    return jnp.asarray(params["lm_head"]).astype(dtype)
+
+
 def make_apply(config: ModelConfig) -> Callable[[Params, Array, Array, Array], Array]:
-    """Returns the pure `apply(params, tokens, positions, segment_ids) -> logits (B, T, V)`."""
+    """Returns the pure `apply(params, tokens, positions, segment_ids) -> logits (B, T, V)`,
+    with the attributes `hidden_states`, `lm_head` and `config` (see the module docstring)."""
     module = Transformer(config)
 
-    def apply(params: Params, tokens_bt: Array, positions_bt: Array | None = None,
-              segment_ids_bt: Array | None = None) -> Array:
+    def forward(params, tokens_bt, positions_bt, segment_ids_bt, return_hidden):
         if positions_bt is None or segment_ids_bt is None:
             default_pos, default_seg = default_positions_and_segments(tokens_bt)
             positions_bt = default_pos if positions_bt is None else positions_bt
             segment_ids_bt = default_seg if segment_ids_bt is None else segment_ids_bt
-        return module.apply({"params": params}, tokens_bt, positions_bt, segment_ids_bt)
+        return module.apply({"params": params}, tokens_bt, positions_bt, segment_ids_bt,
+                            return_hidden)
 
+    def apply(params: Params, tokens_bt: Array, positions_bt: Array | None = None,
+              segment_ids_bt: Array | None = None) -> Array:
+        return forward(params, tokens_bt, positions_bt, segment_ids_bt, False)
+
+    def hidden_states(params: Params, tokens_bt: Array, positions_bt: Array | None = None,
+                      segment_ids_bt: Array | None = None) -> Array:
+        """(B, T, D): the final norm's output, the lm head's input, in the compute dtype."""
+        return forward(params, tokens_bt, positions_bt, segment_ids_bt, True)
+
+    apply.hidden_states = hidden_states
+    apply.lm_head = functools.partial(lm_head_weight, config)
+    apply.config = config
     return apply

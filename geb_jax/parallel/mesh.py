@@ -2,8 +2,10 @@
 
 Parameters carry logical names where they are created (model/layers.py); this table is the only
 place that says how they are laid out. Changing the mesh is a config change (config.mesh).
-A dimension that a mesh axis does not divide (e.g. 2 KV heads over tensor=4) stays replicated
-instead of failing, so every preset runs on every mesh shape.
+A dimension that its mesh axis does not divide (e.g. 2 KV heads over tensor=4) is a ConfigError
+when the shardings are built (logical_to_shardings), naming the parameter, its dimension, the mesh
+axis and the fix; it is never silently replicated. tests/data/sharding/ holds the resulting
+PartitionSpec of every parameter per preset and mesh (python -m tests.golden_sharding --write).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from geb_jax.model.config import ConfigError
 
@@ -60,27 +62,108 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Drops mesh axes that do not divide their dimension (that dimension is then replicated)."""
-    fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-        kept = []
-        for name in names:
-            if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[name]) == 0:
-                kept.append(name)
-        fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return PartitionSpec(*fitted)
+# The config field that sets each logical axis's length (for the divisibility error's fix).
+_LOGICAL_AXIS_FIELDS = {"vocab": "model.vocab_size", "embed": "model.d_model",
+                        "heads": "model.n_heads", "kv_heads": "model.n_kv_heads",
+                        "mlp": "model.d_ff", "head_dim": "model.head_dim",
+                        "layers": "model.n_layers"}
+_FIELD_NOTES = {"vocab": "; pad the vocabulary",
+                "kv_heads": "; model.n_heads must stay a multiple of it",
+                "heads": "; it must stay a multiple of model.n_kv_heads"}
 
 
-def logical_to_shardings(logical_specs: Any, shapes: Any, mesh: Mesh,
+def path_name(path) -> str:
+    """A tree path as "layers/attn/q" (dict keys, attribute names and indices)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def _entry_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+
+
+def mesh_partition_spec(logical_spec: PartitionSpec, shape: Sequence[int],
+                        axis_sizes: Mapping[str, int], rules=LOGICAL_AXIS_RULES,
+                        name: str = "") -> tuple[PartitionSpec, list[tuple]]:
+    """Logical names -> mesh axes (flax's rules: a mesh axis used by an earlier dimension is
+    skipped for later ones), one entry per dimension of `shape`; and the dimensions that their
+    mesh axes do not divide, as (name, shape, dim index, logical axis, mesh axes, product)."""
+    logical = tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec))
+    mesh_spec = tuple(nn.logical_to_mesh_axes(PartitionSpec(*logical), rules))
+    mesh_spec += (None,) * (len(shape) - len(mesh_spec))
+    problems = []
+    for i, (dim, entry) in enumerate(zip(shape, mesh_spec)):
+        axes = _entry_axes(entry)
+        product = math.prod(int(axis_sizes[a]) for a in axes)
+        if axes and dim % product:
+            problems.append((name, tuple(shape), i, logical[i], axes, product))
+    return PartitionSpec(*mesh_spec), problems
+
+
+def _problem_line(problem, axis_sizes) -> str:
+    name, shape, i, logical, axes, product = problem
+    over = (f"mesh axis {axes[0]}={product}" if len(axes) == 1 else
+            "mesh axes " + " x ".join(f"{a}={axis_sizes[a]}" for a in axes) + f" = {product}")
+    return (f"  - parameter {name} {shape}: dimension {i} ({logical or 'unnamed'}, length "
+            f"{shape[i]}) is not divisible by {over}")
+
+
+def _fix_line(logical, axes, product, dim) -> str:
+    if len(axes) == 1:
+        divisors = [d for d in range(1, product) if dim % d == 0]
+        choices = ", ".join(map(str, divisors[:-1])) + " or " if len(divisors) > 1 else ""
+        mesh_fix = (f"config.mesh.{axes[0]}={choices}{divisors[-1]} (a divisor of {dim}; the "
+                    "other devices go to another axis)")
+    else:
+        mesh_fix = f"sizes of config.mesh.{'/'.join(axes)} whose product divides {dim}"
+    field = _LOGICAL_AXIS_FIELDS.get(logical)
+    note = _FIELD_NOTES.get(logical, "")
+    model_fix = (f"; or {field} a multiple of {product} (e.g. {-(-dim // product) * product}"
+                 f"{note})" if field else "")
+    return (f"  fix ({logical or 'unnamed'} over {'x'.join(axes)}): another mesh shape, e.g. "
+            f"{mesh_fix}{model_fix}.")
+
+
+def indivisible_error(problems: Sequence[tuple], axis_sizes: Mapping[str, int]) -> ConfigError:
+    """One ConfigError listing every indivisible parameter dimension and a fix for each."""
+    lines = [f"config.mesh {dict(axis_sizes)} cannot shard every parameter evenly: "
+             f"{len(problems)} parameter dimension(s) are not divisible by their mesh axes "
+             "(geb_jax/parallel/mesh.py LOGICAL_AXIS_RULES; they are never silently replicated)."]
+    fixes = {}
+    for problem in problems:
+        lines.append(_problem_line(problem, axis_sizes))
+        _, shape, i, logical, axes, product = problem
+        fixes.setdefault((logical, axes, shape[i]), _fix_line(logical, axes, product, shape[i]))
+    return ConfigError("\n".join(lines + list(fixes.values())))
+
+
+def mesh_partition_specs(logical_specs: Any, shapes: Any, axis_sizes: Mapping[str, int],
                          rules=LOGICAL_AXIS_RULES) -> Any:
-    """Tree of logical PartitionSpecs + matching shapes -> tree of NamedShardings."""
-    def one(spec, shape_like):
-        mesh_spec = nn.logical_to_mesh_axes(spec, rules)
-        return NamedSharding(mesh, _fit_to_shape(mesh_spec, shape_like.shape, mesh))
+    """Tree of logical PartitionSpecs + matching shapes -> tree of mesh PartitionSpecs, for a
+    mesh given only by its axis sizes (no devices). Raises a ConfigError naming every dimension
+    that its mesh axes do not divide."""
+    problems = []
 
-    return jax.tree.map(one, logical_specs, shapes,
+    def one(path, spec, shape_like):
+        mesh_spec, bad = mesh_partition_spec(spec, shape_like.shape, axis_sizes, rules,
+                                             path_name(path))
+        problems.extend(bad)
+        return mesh_spec
+
+    specs = jax.tree_util.tree_map_with_path(one, logical_specs, shapes,
+                                             is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if problems:
+        raise indivisible_error(problems, axis_sizes)
+    return specs
+
+
+def logical_to_shardings(logical_specs: Any, shapes: Any, mesh: Mesh | AbstractMesh,
+                         rules=LOGICAL_AXIS_RULES) -> Any:
+    """Tree of logical PartitionSpecs + matching shapes -> tree of NamedShardings. A dimension
+    its mesh axes do not divide raises a ConfigError (mesh_partition_specs). An AbstractMesh
+    gives the same shardings without devices (tests/golden_sharding.py)."""
+    specs = mesh_partition_specs(logical_specs, shapes, dict(mesh.shape), rules)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

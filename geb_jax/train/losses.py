@@ -3,9 +3,22 @@
 Every loss has the signature `loss_fn(params, batch, apply, **hyper) -> (loss, metrics)`, where
 `apply(params, tokens_bt, positions_bt, segment_ids_bt) -> logits (B, T, V)` is the function
 `geb_jax.model.make_apply(config)` returns, `loss` is a float32 scalar to differentiate and
-`metrics` a dict of float32 scalars. Logits are upcast to float32 before anything is computed
-(the model may return bfloat16), and log-softmax is taken as `logit[target] - logsumexp(logits)`
+`metrics` a dict of float32 scalars. Log-softmax is taken as `logit[target] - logsumexp(logits)`
 with the max-subtracted `logsumexp`, so the (B, T, V) log-softmax is never materialized.
+
+Chunked (the default for the model's apply): nor are the (B, T, V) logits. With
+`loss_chunk_size` C > 0 (keyword of every loss; None, the default, takes the model's
+`config.loss_chunk_size`, 512 unless set), the loss asks the model for the lm head's input
+(`apply.hidden_states`, (B, T, D)) and weight (`apply.lm_head`, (D, V)) and runs lm head,
+logsumexp, target gather and argmax over chunks of C sequence positions in a `lax.scan` whose
+body is under `jax.checkpoint`: the forward keeps one chunk's (B, C, V) logits at a time and the
+backward recomputes them instead of storing them. The lm head's matmul accumulates and returns
+float32 (`preferred_element_type`) whatever the compute dtype. A T that C does not divide is
+padded to a multiple of C (the padded positions are dropped again).
+Dense (C = 0, or an `apply` without `hidden_states`, such as the tests' table models): `apply`'s
+logits, upcast to float32 after the model (bfloat16 in mixed precision). In float32 both give
+the same loss, metrics and gradients (tests/test_chunked_loss.py); in bfloat16 the chunked path
+is the more precise (its logits are never rounded to bfloat16).
 
 Batch layouts (dicts of arrays; the data pipeline has already shifted them so that
 `targets[b, t]` is the token that follows `inputs[b, t]`)
@@ -79,8 +92,10 @@ The reference log-probs are taken from the batch when present, else computed wit
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +123,84 @@ def token_log_probs(logits_btv: Array, targets_bt: Array) -> tuple[Array, Array]
     targets_bt = jnp.clip(targets_bt.astype(jnp.int32), 0, vocab - 1)
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     return target_logit_bt - lse_bt, lse_bt
+
+
+def chunked_token_log_probs(hidden_btd: Array, head_dv: Array, targets_bt: Array,
+                            chunk_size: int, *, with_correct: bool = True
+                            ) -> tuple[Array, Array, Array | None]:
+    """float32 (log p(target), logsumexp, [argmax == target]) per token, each (B, T), from the lm
+    head's input (B, T, D) and weight (D, V), one chunk of `chunk_size` positions at a time.
+
+    Equals `token_log_probs(einsum(hidden, head))` and the argmax test on the same logits, but
+    the (B, T, V) logits never exist: a `lax.scan` over T / chunk_size chunks computes each
+    chunk's (B, C, V) logits in float32 (`preferred_element_type`), reduces them to three (B, C)
+    arrays, and under `jax.checkpoint` recomputes them in the backward pass. T not divisible by
+    chunk_size: padded with zero hidden states and target 0, cut off again. Targets outside
+    [0, V) are clipped for the log-prob (they must be masked out) and never count as correct.
+    The third result is None when with_correct is False.
+    """
+    b, t, d = hidden_btd.shape
+    chunk = max(1, min(int(chunk_size), t))
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    targets_bt = jnp.asarray(targets_bt).astype(jnp.int32)
+    if pad:
+        hidden_btd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0)))
+        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+    hidden_nbcd = hidden_btd.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
+    targets_nbc = targets_bt.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # save nothing: recompute the logits
+    def one_chunk(head, hidden_bcd, targets_bc):
+        logits_bcv = jnp.einsum("BCD,DV->BCV", hidden_bcd, head,
+                                preferred_element_type=jnp.float32)
+        logits_bcv = nn.with_logical_constraint(logits_bcv, ("batch", "length", "vocab"))
+        logp_bc, lse_bc = token_log_probs(logits_bcv, targets_bc)
+        if not with_correct:
+            return logp_bc, lse_bc
+        correct_bc = (jnp.argmax(logits_bcv, axis=-1) == targets_bc).astype(jnp.float32)
+        return logp_bc, lse_bc, correct_bc
+
+    def body(carry, chunk_inputs):
+        return carry, one_chunk(head_dv, *chunk_inputs)
+
+    _, outs = jax.lax.scan(body, None, (hidden_nbcd, targets_nbc))
+    outs = [x.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t] for x in outs]
+    return (outs[0], outs[1], outs[2] if with_correct else None)
+
+
+def resolve_loss_chunk_size(apply: Apply, loss_chunk_size: int | None = None) -> int:
+    """The chunk size a loss uses with `apply`: `loss_chunk_size` if given, else the model's
+    `apply.config.loss_chunk_size`; 0 (dense) for an apply without a config. An explicit C > 0
+    needs an apply with `hidden_states` and `lm_head` (geb_jax.model.make_apply's)."""
+    if loss_chunk_size is None:
+        loss_chunk_size = getattr(getattr(apply, "config", None), "loss_chunk_size", 0)
+    chunk = int(loss_chunk_size)
+    if chunk < 0:
+        raise ValueError(f"loss_chunk_size must be >= 0 (0: dense), got {loss_chunk_size}")
+    if chunk and not (hasattr(apply, "hidden_states") and hasattr(apply, "lm_head")):
+        raise ValueError(f"loss_chunk_size={chunk} needs the model's apply (make_apply), which "
+                         "has hidden_states and lm_head; this apply only gives logits: use 0")
+    return chunk
+
+
+def target_log_probs(params, apply: Apply, inputs: tuple[Array, Array, Array], targets_bt: Array,
+                     *, loss_chunk_size: int | None = None, with_correct: bool = True
+                     ) -> tuple[Array, Array, Array | None]:
+    """float32 (log p(target), logsumexp, [argmax == target] or None) per token (B, T) of the
+    model on inputs = (tokens, positions, segment_ids): chunked or dense (module docstring)."""
+    chunk = resolve_loss_chunk_size(apply, loss_chunk_size)
+    targets_bt = jnp.asarray(targets_bt)
+    if chunk:
+        hidden_btd = apply.hidden_states(params, *inputs)
+        return chunked_token_log_probs(hidden_btd, apply.lm_head(params), targets_bt, chunk,
+                                       with_correct=with_correct)
+    logits_btv = apply(params, *inputs).astype(jnp.float32)
+    logp_bt, lse_bt = token_log_probs(logits_btv, targets_bt)
+    if not with_correct:
+        return logp_bt, lse_bt, None
+    correct_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
+    return logp_bt, lse_bt, correct_bt
 
 
 def _mask(mask: Array) -> Array:
@@ -140,22 +233,21 @@ def _model_inputs(batch: Batch, prefix: str = "") -> tuple[Array, Array, Array]:
 # Pretrain / SFT
 # ----------------------------------------------------------------------------------------------
 
-def cross_entropy_loss(params, batch: Batch, apply: Apply, *,
-                       z_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
+def cross_entropy_loss(params, batch: Batch, apply: Apply, *, z_loss_weight: float = 0.0,
+                       loss_chunk_size: int | None = None) -> tuple[Array, dict[str, Array]]:
     """Mean next-token cross-entropy over the target tokens (loss_mask), plus optional z-loss.
 
     Returns (ce + z_loss_weight * mean(lse**2), metrics); see the module docstring.
+    loss_chunk_size (static): None = the model's config, 0 = dense logits, C > 0 = chunked.
     """
-    tokens, positions, segments = _model_inputs(batch)
-    logits_btv = apply(params, tokens, positions, segments).astype(jnp.float32)
+    logp_bt, lse_bt, correct_bt = target_log_probs(
+        params, apply, _model_inputs(batch), batch["targets"], loss_chunk_size=loss_chunk_size)
     mask_bt = _mask(batch["loss_mask"])
-    logp_bt, lse_bt = token_log_probs(logits_btv, jnp.asarray(batch["targets"]))
 
     n_tokens = jnp.sum(mask_bt)
     denom = jnp.maximum(n_tokens, 1.0)  # zero target tokens: every sum is 0, so everything is 0
     ce = _masked_sum(-logp_bt, mask_bt) / denom
     z_loss = z_loss_weight * _masked_sum(jnp.square(lse_bt), mask_bt) / denom
-    correct_bt = (jnp.argmax(logits_btv, axis=-1) == batch["targets"]).astype(jnp.float32)
     accuracy = _masked_sum(correct_bt, mask_bt) / denom
     metrics = {
         "loss": ce,
@@ -261,10 +353,9 @@ def _pair_segment_sum(values_bt: Array, pair_ids_bt: Array, num_slots: int) -> A
     return sums[:-1].reshape(b, num_slots)
 
 
-def _sequence_logps(logits_btv: Array, batch: Batch, prefix: str, packed: bool,
+def _sequence_logps(logp_bt: Array, batch: Batch, prefix: str, packed: bool,
                     num_slots: int) -> tuple[Array, Array]:
     """(sum of masked token log-probs, number of target tokens) per row (B,) or per pair (B, P)."""
-    logp_bt, _ = token_log_probs(logits_btv, jnp.asarray(batch[prefix + "targets"]))
     mask_bt = _mask(batch[prefix + "loss_mask"])
     weighted_bt = jnp.where(mask_bt != 0, logp_bt * mask_bt, 0.0)
     count_bt = (mask_bt != 0).astype(jnp.float32)
@@ -276,23 +367,28 @@ def _sequence_logps(logits_btv: Array, batch: Batch, prefix: str, packed: bool,
 
 
 def _policy_pair_logps(params, batch: Batch, apply: Apply, *, packed: bool, num_slots: int,
-                       average: bool) -> tuple[Array, Array, Array, Array]:
+                       average: bool, loss_chunk_size: int | None
+                       ) -> tuple[Array, Array, Array, Array]:
     """(logp_chosen, logp_rejected, n_tokens_chosen, n_tokens_rejected) under `params`.
 
     Chosen and rejected go through one forward pass (concatenated on the batch axis, as TRL's
     `concatenated_forward`) when they have the same length, else through two.
     """
     chosen, rejected = _model_inputs(batch, "chosen_"), _model_inputs(batch, "rejected_")
+    targets_c = jnp.asarray(batch["chosen_targets"]).astype(jnp.int32)
+    targets_r = jnp.asarray(batch["rejected_targets"]).astype(jnp.int32)
+    token_logps = functools.partial(target_log_probs, params, apply,
+                                    loss_chunk_size=loss_chunk_size, with_correct=False)
     n_chosen = chosen[0].shape[0]
     if chosen[0].shape[1] == rejected[0].shape[1]:
-        both = [jnp.concatenate([c, r], axis=0) for c, r in zip(chosen, rejected)]
-        logits = apply(params, *both).astype(jnp.float32)
-        logits_c, logits_r = logits[:n_chosen], logits[n_chosen:]
+        both = tuple(jnp.concatenate([c, r], axis=0) for c, r in zip(chosen, rejected))
+        logp_bt = token_logps(both, jnp.concatenate([targets_c, targets_r], axis=0))[0]
+        logp_c_bt, logp_r_bt = logp_bt[:n_chosen], logp_bt[n_chosen:]
     else:
-        logits_c = apply(params, *chosen).astype(jnp.float32)
-        logits_r = apply(params, *rejected).astype(jnp.float32)
-    logp_c, count_c = _sequence_logps(logits_c, batch, "chosen_", packed, num_slots)
-    logp_r, count_r = _sequence_logps(logits_r, batch, "rejected_", packed, num_slots)
+        logp_c_bt = token_logps(chosen, targets_c)[0]
+        logp_r_bt = token_logps(rejected, targets_r)[0]
+    logp_c, count_c = _sequence_logps(logp_c_bt, batch, "chosen_", packed, num_slots)
+    logp_r, count_r = _sequence_logps(logp_r_bt, batch, "rejected_", packed, num_slots)
     if average:  # TRL's IPO: log-probs averaged over the target tokens
         logp_c = logp_c / jnp.maximum(count_c, 1.0)
         logp_r = logp_r / jnp.maximum(count_r, 1.0)
@@ -324,28 +420,31 @@ def _check_dpo_hyper(beta, loss_type: str, label_smoothing) -> None:
 
 
 def dpo_reference_logps(reference_params, batch: Batch, apply: Apply, *,
-                        loss_type: str = "sigmoid",
-                        max_pairs_per_row: int | None = None) -> dict[str, Array]:
+                        loss_type: str = "sigmoid", max_pairs_per_row: int | None = None,
+                        loss_chunk_size: int | None = None) -> dict[str, Array]:
     """Reference log-probs to store in a DPO batch: {"reference_chosen_logps",
-    "reference_rejected_logps"}, (B,) unpacked or (B, P) packed; averaged over tokens for IPO."""
+    "reference_rejected_logps"}, (B,) unpacked or (B, P) packed; averaged over tokens for IPO.
+    loss_chunk_size as in cross_entropy_loss."""
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
     packed = _is_packed(batch)
     num_slots = _num_pair_slots(batch, max_pairs_per_row)
     ref_c, ref_r, _, _ = _policy_pair_logps(
         jax.lax.stop_gradient(reference_params), batch, apply, packed=packed,
-        num_slots=num_slots, average=loss_type == "ipo")
+        num_slots=num_slots, average=loss_type == "ipo", loss_chunk_size=loss_chunk_size)
     return {"reference_chosen_logps": jax.lax.stop_gradient(ref_c),
             "reference_rejected_logps": jax.lax.stop_gradient(ref_r)}
 
 
 def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=0.1,
              loss_type: str = "sigmoid", label_smoothing=0.0, sft_weight=0.0,
-             max_pairs_per_row: int | None = None) -> tuple[Array, dict[str, Array]]:
+             max_pairs_per_row: int | None = None,
+             loss_chunk_size: int | None = None) -> tuple[Array, dict[str, Array]]:
     """DPO / cDPO / IPO / hinge preference loss as TRL's DPOTrainer; see the module docstring.
 
-    loss_type and max_pairs_per_row are static; beta and label_smoothing may be Python floats or
-    traced scalars. reference_params is only used when the batch has no reference log-probs.
+    loss_type, max_pairs_per_row and loss_chunk_size (as in cross_entropy_loss) are static; beta
+    and label_smoothing may be Python floats or traced scalars. reference_params is only used
+    when the batch has no reference log-probs.
     """
     _check_dpo_hyper(beta, loss_type, label_smoothing)
     if _concrete(sft_weight) is not None and not _concrete(sft_weight) >= 0:
@@ -361,7 +460,8 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
                          "'reference_rejected_logps' in the batch")
 
     pi_c, pi_r, count_c, count_r = _policy_pair_logps(
-        params, batch, apply, packed=packed, num_slots=num_slots, average=loss_type == "ipo")
+        params, batch, apply, packed=packed, num_slots=num_slots, average=loss_type == "ipo",
+        loss_chunk_size=loss_chunk_size)
     if has_ref[0]:
         ref_c = jnp.asarray(batch["reference_chosen_logps"]).astype(jnp.float32)
         ref_r = jnp.asarray(batch["reference_rejected_logps"]).astype(jnp.float32)
@@ -370,7 +470,7 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
                              f"expected {pi_c.shape} ({'(B, P) packed' if packed else '(B,)'})")
     else:
         ref = dpo_reference_logps(reference_params, batch, apply, loss_type=loss_type,
-                                  max_pairs_per_row=num_slots)
+                                  max_pairs_per_row=num_slots, loss_chunk_size=loss_chunk_size)
         ref_c, ref_r = ref["reference_chosen_logps"], ref["reference_rejected_logps"]
     ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
 
