@@ -58,7 +58,8 @@ def get_config(arg=None):
     c.eval.suite.batch_size = 16
     # DPO's held-out reward margin and accuracy curve: the eval split's DPO metrics (the loss
     # on data.valid_path pairs against the reference) every 10 steps.
-    c.stage_overrides.dpo.eval = dict(every=10)
+    # Its step-0 suite is skipped: the SFT stage's final suite scored the same weights.
+    c.stage_overrides.dpo.eval = dict(every=10, suite_at_start=False)
     # DPO + the chosen replies' NLL (TRL's loss_type=["sigmoid", "sft"], RPO): plain DPO here
     # raised held-out preference accuracy to 0.98 but pushed rejected replies down more than
     # it lifted chosen ones, and greedy replies to unethical requests refused less, not more.
