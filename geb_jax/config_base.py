@@ -71,13 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep=3))
 
     # at_start: also evaluate before the first update of a fresh stage (logged as step 0);
-    # suite_every: run the task suite only at multiples of it (and first and last), 0 = at
-    # every eval.
+    # suite_at_start: with it, the task suite too (False where the stage before already scored
+    # these weights); suite_every: run the task suite only at multiples of it (and first and
+    # last), 0 = at every eval.
     c.eval = ml_collections.ConfigDict(dict(every=100, batches=4, at_start=False,
-                                            suite_every=0))
+                                            suite_at_start=True, suite_every=0))
     # Task suite run at the same steps (geb_jax/eval/suite.py): "" turns it off; also
-    # dpo_preference, sft_exact_match and refusal (slow: no KV cache in the JAX model),
-    # mc:<file.jsonl>.
+    # dpo_preference, sft_exact_match and refusal (generation: minutes on a 100M+ model even
+    # with the numpy engine's KV cache), mc:<file.jsonl>.
     c.eval.suite = ml_collections.ConfigDict(dict(
         tasks="perplexity", max_documents=16, stride=0, max_length=0, max_examples=0,
         max_new_tokens=64,

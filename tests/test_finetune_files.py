@@ -59,8 +59,9 @@ def test_shipped_files_are_what_the_generator_writes(tmp_path):
 def test_sft_files_read_back_as_the_builtin_conversations(split):
     pattern = finetune_files.SFT_GLOB if split == "train" else finetune_files.SFT_VALID
     got = collections.Counter(_key(r) for r in _read(pattern, "sft"))
-    want = collections.Counter(_key({"messages": c["messages"]})
-                               for c in builtin_sft_conversations(split))
+    conversations = (finetune_files.sft_conversations() if split == "train"
+                     else builtin_sft_conversations(split))
+    want = collections.Counter(_key({"messages": c["messages"]}) for c in conversations)
     assert got == want
 
 

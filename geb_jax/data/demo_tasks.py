@@ -485,12 +485,13 @@ def _dpo() -> dict[str, tuple]:
     return {s: tuple(v) for s, v in out.items()}
 
 
-def _preference_sft() -> list[dict]:
-    """A few of the training pairs' (prompt, chosen) as SFT conversations (train split only)."""
+def _preference_sft(every: int = PREF_SFT_EVERY) -> list[dict]:
+    """Every `every`-th refuse / helpful training pair's (prompt, chosen) as an SFT
+    conversation (train split only)."""
     out = []
     for k, pair in enumerate(p for split, p in _preference_items()
                              if split == "train" and not p["task"].startswith("language")):
-        if k % PREF_SFT_EVERY == 0:
+        if k % every == 0:
             out.append({"task": pair["task"],
                         "messages": [{"role": "user", "content": pair["prompt"]},
                                      {"role": "assistant", "content": pair["chosen"]}]})
@@ -506,6 +507,13 @@ def _get(table: Callable[[], dict[str, tuple]], split: str) -> list[dict]:
 def builtin_sft_conversations(split: str = "train") -> list[dict]:
     """[{"task", "messages": [{"role", "content"}, ...]}] for `split` ("train" / "valid")."""
     return _get(_sft, split)
+
+
+def preference_sft_conversations() -> list[dict]:
+    """Every refuse / helpful training pair as an SFT conversation (prompt, chosen reply):
+    the built-in SFT set holds every PREF_SFT_EVERY-th of them, sized for the tiny README job;
+    the shipped fine-tuning files (data/finetune_files.py) hold them all."""
+    return _preference_sft(every=1)
 
 
 def builtin_dpo_pairs(split: str = "train") -> list[dict]:

@@ -18,7 +18,10 @@ path a user's data takes, rather than from Python lists:
     dpo/hh.jsonl                  Anthropic HH: whole `chosen` / `rejected` transcripts
     dpo/valid.jsonl               the held-out pairs (TRL)
 
-Records are dealt round-robin to the layouts that can hold them, so each file gets a share
+The SFT files hold the built-in conversations and *every* refuse / helpful training pair's
+prompt and chosen reply (sft_conversations()): GEB's recipe teaches refusals in SFT and
+sharpens them with DPO; the built-in set, sized for the tiny README job, carries one in eight.
+Held-out prompts appear in neither. Records are dealt round-robin to the layouts that can hold them, so each file gets a share
 of every task. Reading the files back gives the built-in sets exactly (tests/test_finetune_files.py).
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ import sys
 import tempfile
 from typing import Sequence
 
-from geb_jax.data.demo_tasks import builtin_dpo_pairs, builtin_sft_conversations
+from geb_jax.data.demo_tasks import (builtin_dpo_pairs, builtin_sft_conversations,
+                                     preference_sft_conversations)
 
 FINETUNE_DIR = os.path.join(os.path.dirname(__file__), "builtin", "finetune")
 SFT_GLOB = os.path.join("sft", "[!v]*")  # every training file, not valid.jsonl
@@ -47,12 +51,20 @@ def _as_messages(messages):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def sft_conversations() -> list[dict]:
+    """The SFT training conversations the files hold: the built-in task conversations, then
+    every refuse / helpful training pair as (prompt, chosen reply)."""
+    preference_tasks = {c["task"] for c in preference_sft_conversations()}
+    return ([c for c in builtin_sft_conversations("train") if c["task"] not in preference_tasks]
+            + preference_sft_conversations())
+
+
 def sft_records() -> dict[str, list[dict]]:
     """{file name: records} for the SFT training split, plus valid.jsonl."""
     files: dict[str, list[dict]] = {"messages.jsonl": [], "sharegpt.jsonl.gz": [],
                                     "alpaca.parquet": [], "prompt_completion.jsonl": []}
     names = list(files)
-    for k, conv in enumerate(builtin_sft_conversations("train")):
+    for k, conv in enumerate(sft_conversations()):
         messages = _as_messages(conv["messages"])
         name = names[k % 4] if _is_single_turn(messages) else names[k % 2]
         user, reply = (messages[0]["content"], messages[1]["content"]) if len(messages) == 2 \

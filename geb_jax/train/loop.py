@@ -158,6 +158,8 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
         params = state.params if not lora.enabled else model_params(state)
         log.write(at_step, evaluate(eval_step, params, eval_batches, batch_sh,
                                     reference_params), split="eval")
+        if at_step == 0 and not config.eval.get("suite_at_start", True):
+            return
         if eval_suite.tasks and (not suite_every or at_step % suite_every == 0
                                  or at_step == total_steps):
             log.write(at_step, evaluate_during_training(

@@ -447,7 +447,8 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
     when the batch has no reference log-probs.
     """
     _check_dpo_hyper(beta, loss_type, label_smoothing)
-    if _concrete(sft_weight) is not None and not _concrete(sft_weight) >= 0:
+    weight = _concrete(sft_weight)  # None when traced
+    if weight is not None and not weight >= 0:
         raise ValueError(f"DPO sft_weight must be >= 0, got {sft_weight}")
     packed = _is_packed(batch)
     num_slots = _num_pair_slots(batch, max_pairs_per_row)
