@@ -18,8 +18,11 @@ from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
 from geb_jax.train.state import init_sharded_state, state_shardings
 from geb_jax.train.step import batch_shardings, global_batch, jit_train_step, make_train_step
 
-CONFIG = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                     head_dim=8, d_ff=64, max_seq_len=32)
+# Every sharded dimension divisible by the 8-device meshes the tests build (parallel/mesh.py
+# refuses to replicate a dimension silently): 8 query heads, 4 KV heads (kv_heads on a
+# 2-way tensor axis), vocab 128.
+CONFIG = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4,
+                     head_dim=4, d_ff=64, max_seq_len=32)
 
 
 def batches(steps=3, batch=8, seq=16):

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import time
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -19,36 +18,22 @@ import numpy as np
 from geb_jax.checkpoint import Checkpointer, install_signal_save, published
 from geb_jax.eval import EvalConfig, evaluate_during_training
 from geb_jax.eval.suite import task_names
-from geb_jax.model import ModelConfig, make_apply
+from geb_jax.model import ModelConfig
 from geb_jax.model.lora import LoraConfig
-from geb_jax.parallel.mesh import LOGICAL_AXIS_RULES, check_batch_divides, make_mesh
+from geb_jax.parallel.mesh import check_batch_divides, make_mesh
 from geb_jax.train import inputs
-from geb_jax.train.losses import check_batch_has_targets, cross_entropy_loss, dpo_loss
+from geb_jax.train.losses import check_batch_has_targets
 from geb_jax.train.metrics_log import MetricsLog, peak_flops_per_device
-from geb_jax.train.optimizer import (PAIRS_KEY, TOKENS_KEY, OptimizerConfig, learning_rate_at,
-                                     make_optimizer)
+from geb_jax.train.optimizer import learning_rate_at
+from geb_jax.train.program import build_step_program, check_mesh_fits, step_context
 from geb_jax.train.spikes import NumberedBatches, parse_batch_numbers, rewind_window
-from geb_jax.train.state import (abstract_state, init_sharded_state, lora_optimizer_config,
-                                 merged_params_jit, num_params, restore_stage_state,
-                                 saved_lora_config, state_shardings)
-from geb_jax.train.step import (SpikeConfig, batch_shardings, global_batch, jit_eval_step,
-                                jit_train_step, make_eval_step, make_train_step)
+from geb_jax.train.state import (init_sharded_state, merged_params_jit, num_params,
+                                 restore_stage_state, saved_lora_config)
+from geb_jax.train.step import SpikeConfig, global_batch
 
 # LLaMA paper's energy estimate: Wh = GPU-hours x power x PUE; tCO2eq = MWh x 0.385.
 PUE, TCO2_PER_MWH = 1.1, 0.385
 DEVICE_WATTS = {"H100": 700.0, "H200": 700.0, "A100": 400.0, "cpu": 100.0}
-
-
-def bind_loss(stage: str, apply, train_config: ml_collections.ConfigDict):
-    """The stage's loss with the model and hyperparameters bound: (params, batch, ref) -> ..."""
-    if stage == "dpo":
-        return lambda params, batch, reference_params: dpo_loss(
-            params, batch, apply, reference_params=reference_params,
-            beta=train_config.dpo_beta, loss_type=train_config.dpo_loss_type,
-            label_smoothing=train_config.dpo_label_smoothing,
-            sft_weight=train_config.get("dpo_sft_weight", 0.0))
-    return lambda params, batch, reference_params=None: cross_entropy_loss(
-        params, batch, apply, z_loss_weight=train_config.z_loss_weight)
 
 
 def stage_dir(config: ml_collections.ConfigDict, stage: str) -> str:
@@ -69,18 +54,11 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     stage = stage or config.train.stage
     workdir = stage_dir(config, stage)
 
-    # ---- Config: frozen and validated before any work ---------------------------------------
-    model_config = ModelConfig.from_dict(config.model)
-    opt_config = OptimizerConfig.from_dict(config.optimizer)
-    spike = SpikeConfig.from_dict(config.train.spike)
-    lora = LoraConfig.from_dict(config.get("lora"))  # rank 0 (off): plain TrainState
-    total_steps = config.train.steps
-
-    # ---- Mesh ------------------------------------------------------------------------------
+    # ---- Mesh and input --------------------------------------------------------------------
     mesh = make_mesh(config.mesh)
     check_batch_divides(config.train.batch_size, mesh)
-
-    # ---- Input -----------------------------------------------------------------------------
+    model_config = ModelConfig.from_dict(config.model)
+    check_mesh_fits(model_config, mesh)
     tokenizer = inputs.stage_tokenizer(config, model_config)
     dataset = inputs.train_dataset(config, stage, tokenizer)
     eval_batches = inputs.eval_batches(config, stage, tokenizer)
@@ -88,27 +66,19 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     if jax.process_count() > 1:
         eval_suite = dataclasses.replace(eval_suite, tasks="")  # single-process for now
 
-    # ---- Update step -----------------------------------------------------------------------
-    optimizer = make_optimizer(lora_optimizer_config(opt_config, lora))
-    apply = make_apply(model_config)
-    loss_fn = bind_loss(stage, apply, config.train)
-    state_sh = state_shardings(model_config, optimizer, mesh, lora=lora)
-    abstract = abstract_state(model_config, optimizer, state_sh, lora=lora)
-    batch_sh = batch_shardings(next(iter(dataset)), mesh)
+    # ---- Update step (train/program.py: the program bench_train.py times) --------------------
+    program = build_step_program(config, stage, mesh, next(iter(dataset)))
+    opt_config, lora, optimizer = program.opt_config, program.lora, program.optimizer
+    state_sh, abstract, batch_sh = program.state_sh, program.abstract, program.batch_sh
+    train_step, eval_step, model_params = (program.train_step, program.eval_step,
+                                           program.model_params)
+    spike = SpikeConfig.from_dict(config.train.spike)
+    total_steps = config.train.steps
     load_start = lambda path: start_params(path, abstract, model_config, optimizer, mesh, lora)
     reference_params = None
     if stage == "dpo":  # the model the stage starts from (merged, if that stage used LoRA)
         reference_params = (load_start(init_params_from) if init_params_from else
                             inputs.load_reference_params(init_params_from, abstract))
-    reference_sh = state_sh.params if reference_params is not None else None
-    weight_key = PAIRS_KEY if stage == "dpo" else TOKENS_KEY  # what each loss averages over
-    train_step = jit_train_step(
-        make_train_step(loss_fn, optimizer, microbatches=opt_config.microbatches,
-                        weight_key=weight_key, spike=spike, lora=lora),
-        mesh, state_sh, batch_sh, reference_sh)
-    model_params = merged_params_jit(lora, state_sh.params)  # what eval and the suite run
-    eval_step = jit_eval_step(make_eval_step(loss_fn), mesh, state_sh.params, batch_sh,
-                              reference_sh)
 
     # ---- Checkpoint: resume, or start from scratch / from the previous stage ----------------
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -150,7 +120,8 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
     watch_spikes = spike.policy in ("replace", "rewind")  # costs one host sync per step
     events = {"replaced": 0, "rewound": 0}
     history, t_start, t_last = [], time.time(), time.time()
-    step, last_logged, retries = start, start, 0
+    step, last_logged, retries, compile_s = start, start, 0, None
+    config_dict = config.to_dict()  # what each checkpoint stores beside the state
 
     suite_every = config.eval.get("suite_every", 0)
 
@@ -166,8 +137,7 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                 params, model_config, tokenizer, eval_suite,
                 reference_params=reference_params), split="eval_suite")
 
-    with install_signal_save() as stop, jax.set_mesh(mesh), \
-            nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with install_signal_save() as stop, step_context(mesh):
         if config.eval.every and config.eval.get("at_start") and start == 0:
             run_eval(0)  # the model the stage starts from: the "before" of every metric
             t_last = time.time()  # tokens/s counts training only
@@ -197,29 +167,41 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                     last_logged = step
                     continue
             retries = 0
+            if compile_s is None:  # the first step compiled: keep it out of tokens/s and MFU
+                jax.block_until_ready(metrics)
+                compile_s = time.time() - t_last
+                log.message(f"step {step}: compiled and ran in {compile_s:.1f} s (not counted "
+                            "in tokens/s)")
+                t_last, last_logged = time.time(), step
             if step % config.train.log_every == 0 or step == total_steps:
                 metrics = jax.device_get(metrics)
                 now = time.time()
-                tokens_per_s = (step - last_logged) * tokens_per_step / max(now - t_last, 1e-9)
+                metrics["learning_rate"] = learning_rate_at(opt_config, step)
+                if step > last_logged:  # a window of steps after compilation
+                    metrics["tokens_per_s"] = ((step - last_logged) * tokens_per_step
+                                               / max(now - t_last, 1e-9))
+                    if peak:
+                        metrics["mfu"] = metrics["tokens_per_s"] * flops_per_step / (
+                            tokens_per_step * peak * jax.device_count())
                 t_last, last_logged = now, step
-                metrics.update(learning_rate=learning_rate_at(opt_config, step),
-                               tokens_per_s=tokens_per_s)
-                if peak:
-                    metrics["mfu"] = tokens_per_s * flops_per_step / tokens_per_step / (
-                        peak * jax.device_count())
                 log.write(step, metrics)
                 history.append((step, float(metrics["loss"])))
                 log.progress(step, {"loss": f"{float(metrics['loss']):.3f}",
-                                    "tok/s": f"{tokens_per_s:,.0f}",
-                                    **({"mfu": f"{metrics['mfu']:.1%}"} if peak else {})})
+                                    **({"tok/s": f"{metrics['tokens_per_s']:,.0f}"}
+                                       if "tokens_per_s" in metrics else {}),
+                                    **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics
+                                       else {})})
                 if not np.isfinite(metrics["loss"]):
                     log.message(f"step {step}: loss is not finite")
             if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
+                t_eval = time.time()
                 run_eval(step)
-            data_state = {"iterator": inputs.iterator_state(batches.iterator),
-                          "batches_drawn": batches.drawn}
-            checkpointer.maybe_save(step, state, data_state, config.to_dict(),
-                                    force=stop.should_stop() or step == total_steps)
+                t_last += time.time() - t_eval  # tokens/s counts training only
+            force_save = stop.should_stop() or step == total_steps
+            if force_save or checkpointer.should_save(step):  # the iterator state only then
+                data_state = {"iterator": inputs.iterator_state(batches.iterator),
+                              "batches_drawn": batches.drawn}
+                checkpointer.maybe_save(step, state, data_state, config_dict, force=force_save)
             if stop.should_stop():
                 log.message(f"signal received: saved step {step}, exiting")
                 break
@@ -230,6 +212,7 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
                "first_loss": history[0][1] if history else None,
                "final_loss": history[-1][1] if history else None,
                "skipped_updates": int(jax.device_get(state.skipped)), **events,
+               **({"compile_s": compile_s} if compile_s is not None else {}),
                **(dpo_preference_summary(
                    state.params if not lora.enabled else model_params(state), reference_params,
                    model_config, tokenizer, eval_suite, mesh)
