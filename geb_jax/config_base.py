@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
         dpo_beta=0.1, dpo_loss_type="sigmoid", dpo_label_smoothing=0.0,
         dpo_sft_weight=0.0,  # + this x the chosen replies' token NLL (TRL's "sft" loss, RPO)
         skip_batches=""))  # data batches never trained on, e.g. "2300-2500" (train/spikes.py)
-    c.train.spike = ml_collections.ConfigDict(dict(  # train/step.py SpikeConfig
+    c.train.spike = ml_collections.ConfigDict(dict(  # train/spikes.py SpikeConfig
         policy="skip", loss_factor=2.0, grad_norm_factor=10.0, warmup_steps=20, ema_decay=0.95,
         rewind_skip_batches=100, max_replacements=3, max_rewinds=10,
         inject_batches="", inject_kind="garbage"))

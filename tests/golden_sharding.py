@@ -22,7 +22,8 @@ from jax.sharding import AbstractMesh
 
 from geb_jax.config_loader import load_config
 from geb_jax.model import ModelConfig, abstract_params, param_logical_axes
-from geb_jax.parallel.mesh import MESH_AXES, logical_to_shardings, path_name
+from geb_jax.parallel.mesh import MESH_AXES, logical_to_shardings
+from geb_jax.tree_paths import path_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO_ROOT, "tests", "data", "sharding")

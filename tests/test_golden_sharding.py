@@ -74,7 +74,7 @@ def test_state_shardings_on_abstract_meshes_match_the_tables_moments_included():
     """train/state.py state_shardings itself (not only the parameter helper the tables use)
     gives the checked-in specs, and lays each Adam moment out exactly like its parameter."""
     import jax
-    from geb_jax.parallel.mesh import path_name
+    from geb_jax.tree_paths import path_name
     preset = "tinyllama_1_1b"
     model = golden.preset_model(preset)
     for mesh_name, sizes in golden.MESHES.items():
@@ -94,7 +94,8 @@ _REAL_MESH_SCRIPT = r"""
 import json, os, sys
 import jax
 from geb_jax.config_base import base_config
-from geb_jax.parallel.mesh import make_mesh, path_name
+from geb_jax.parallel.mesh import make_mesh
+from geb_jax.tree_paths import path_name
 from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
 from geb_jax.train.state import init_sharded_state, state_shardings
 from tests import golden_sharding as golden

@@ -18,7 +18,8 @@ from geb_jax.model.config import ConfigError
 from geb_jax.train.loop import train
 from geb_jax.train.spikes import inject_fault, parse_batch_numbers, rewind_window
 from geb_jax.train.state import TrainState
-from geb_jax.train.step import SpikeConfig, make_train_step
+from geb_jax.train.spikes import SpikeConfig
+from geb_jax.train.step import make_train_step
 from tests.conftest import REPO_ROOT
 
 # ---------------------------------------------------------------------------- pure helpers

@@ -75,6 +75,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from geb_jax.tree_paths import path_name
+
 logger = logging.getLogger(__name__)
 
 PyTree = Any
@@ -95,16 +97,9 @@ class CheckpointError(RuntimeError):
 
 
 # ---- pytree paths ---------------------------------------------------------------------------
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _path_name(path) -> str:
     """'opt_state/2/0/mu/embedding': the same for dict keys, attributes and orbax metadata."""
-    return "/".join(_key_name(k) for k in path) or "<root>"
+    return path_name(path) or "<root>"
 
 
 def _named_leaves(tree: PyTree) -> list[tuple[str, Any]]:

@@ -12,7 +12,10 @@ from typing import Any, Mapping
 REMAT_POLICIES = ("none", "save_dots", "full")
 NORM_POSITIONS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+# auto: the fastest kernel that runs here (model/attention.py resolve_attention_impl); xla: the
+# dense-mask reference; cudnn: cuDNN flash (Hopper+, bf16/fp16); pallas_gpu: the Pallas Triton
+# kernel; pallas_tpu: splash attention. All are causal within packed documents.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
 
 
 class ConfigError(ValueError):
@@ -36,7 +39,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32.
     scan_layers: bool = True  # lax.scan over layers (fast compile) vs fully unrolled.
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation.
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS (model/attention.py).
     init_std: float = 0.02
     # Cross-entropy without (B, T, V) logits (train/losses.py): the loss runs the lm head,
     # log-softmax and target gather over chunks of this many sequence positions, recomputing each

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from geb_jax.model.attention import attend, attention_mask  # noqa: F401 (re-exported)
+
 Array = jax.Array
 
 
@@ -54,26 +56,20 @@ def apply_rope(x_btnh: Array, cos_bth: Array, sin_bth: Array) -> Array:
     return rotated.astype(x_btnh.dtype)
 
 
-def attention_mask(segment_ids_bt: Array) -> Array:
-    """(B, 1, T, T) boolean: causal, and only within the same packed document."""
-    t = segment_ids_bt.shape[1]
-    causal_tt = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same_doc_btt = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return (causal_tt[None] & same_doc_btt)[:, None]
-
-
 class Attention(nn.Module):
-    """Grouped-query attention (N query heads share K KV heads; MHA: K = N, MQA: K = 1)."""
+    """Grouped-query attention (N query heads share K KV heads; MHA: K = N, MQA: K = 1), causal
+    within each packed document. `implementation` is a model.attention_impl (model/attention.py);
+    only the "xla" impl builds a dense (B, 1, T, T) mask, the kernels take the segment ids."""
     n_heads: int
     n_kv_heads: int
     head_dim: int
     init_std: float
     out_std: float
-    implementation: str | None = None  # None lets JAX pick (cuDNN flash on GPU, XLA elsewhere)
+    implementation: str = "auto"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btd: Array, cos: Array, sin: Array, mask_b1tt: Array) -> Array:
+    def __call__(self, x_btd: Array, cos: Array, sin: Array, segment_ids_bt: Array) -> Array:
         d, n, k, h = x_btd.shape[-1], self.n_heads, self.n_kv_heads, self.head_dim
         w_q = _param(self, "q", (d, n, h), ("embed", "heads", "head_dim"), self.init_std)
         w_k = _param(self, "k", (d, k, h), ("embed", "kv_heads", "head_dim"), self.init_std)
@@ -84,9 +80,7 @@ class Attention(nn.Module):
         k_btkh = jnp.einsum("BTD,DKH->BTKH", x, w_k.astype(self.dtype))
         v_btkh = jnp.einsum("BTD,DKH->BTKH", x, w_v.astype(self.dtype))
         q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
-        # jax.nn.dot_product_attention handles K < N natively (GQA) and takes BTNH layouts.
-        out_btnh = jax.nn.dot_product_attention(
-            q_btnh, k_btkh, v_btkh, mask=mask_b1tt, implementation=self.implementation)
+        out_btnh = attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, self.implementation)
         return jnp.einsum("BTNH,NHD->BTD", out_btnh, w_o.astype(self.dtype))
 
 

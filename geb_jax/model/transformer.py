@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from geb_jax.model.config import ModelConfig
-from geb_jax.model.layers import (RMSNorm, Attention, SwiGLU, attention_mask, rope_tables)
+from geb_jax.model.layers import RMSNorm, Attention, SwiGLU, rope_tables
 
 Array = jax.Array
 Params = dict
@@ -41,21 +41,20 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_btd: Array, cos: Array, sin: Array, mask_b1tt: Array):
+    def __call__(self, x_btd: Array, cos: Array, sin: Array, segment_ids_bt: Array):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         out_std = c.init_std / (2 * c.n_layers) ** 0.5  # GPT-2 style scaling of residual outputs
-        impl = None if c.attention_impl == "auto" else c.attention_impl
-        attn = Attention(c.n_heads, c.n_kv_heads, c.head_dim, c.init_std, out_std, impl, dtype,
-                         name="attn")
+        attn = Attention(c.n_heads, c.n_kv_heads, c.head_dim, c.init_std, out_std,
+                         c.attention_impl, dtype, name="attn")
         mlp = SwiGLU(c.d_ff, c.init_std, out_std, dtype, name="mlp")
         attn_norm = RMSNorm(c.norm_eps, dtype, name="attn_norm")
         mlp_norm = RMSNorm(c.norm_eps, dtype, name="mlp_norm")
         if c.norm_position == "pre":
-            h_btd = x_btd + attn(attn_norm(x_btd), cos, sin, mask_b1tt)
+            h_btd = x_btd + attn(attn_norm(x_btd), cos, sin, segment_ids_bt)
             out_btd = h_btd + mlp(mlp_norm(h_btd))
         else:
-            h_btd = attn_norm(x_btd + attn(x_btd, cos, sin, mask_b1tt))
+            h_btd = attn_norm(x_btd + attn(x_btd, cos, sin, segment_ids_bt))
             out_btd = mlp_norm(h_btd + mlp(h_btd))
         return nn.with_logical_constraint(out_btd, _ACT_AXES), None
 
@@ -78,7 +77,6 @@ class Transformer(nn.Module):
         x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(dtype)
         x_btd = nn.with_logical_constraint(x_btd, _ACT_AXES)
         cos, sin = rope_tables(positions_bt, c.head_dim, c.rope_theta)
-        mask_b1tt = attention_mask(segment_ids_bt)
 
         block = Block
         if c.remat_policy != "none":
@@ -92,7 +90,7 @@ class Transformer(nn.Module):
             unroll=1 if c.scan_layers else c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_btd, _ = stack(c, name="layers")(x_btd, cos, sin, mask_b1tt)
+        x_btd, _ = stack(c, name="layers")(x_btd, cos, sin, segment_ids_bt)
         x_btd = RMSNorm(c.norm_eps, dtype, name="final_norm")(x_btd)
         if return_hidden:
             return nn.with_logical_constraint(x_btd, _ACT_AXES)

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from geb_jax.model.config import ConfigError
+from geb_jax.tree_paths import path_name
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -70,12 +71,6 @@ _LOGICAL_AXIS_FIELDS = {"vocab": "model.vocab_size", "embed": "model.d_model",
 _FIELD_NOTES = {"vocab": "; pad the vocabulary",
                 "kv_heads": "; model.n_heads must stay a multiple of it",
                 "heads": "; it must stay a multiple of model.n_kv_heads"}
-
-
-def path_name(path) -> str:
-    """A tree path as "layers/attn/q" (dict keys, attribute names and indices)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
 
 
 def _entry_axes(entry) -> tuple[str, ...]:

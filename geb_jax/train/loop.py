@@ -1,15 +1,18 @@
 """The training loop for one stage (pretrain, SFT or DPO), read top to bottom.
 
-    config -> mesh -> input -> update step -> checkpoint (restore or init) -> loop -> summary
+    train = build_stage -> restore_or_init -> [run_eval at step 0] -> train_steps -> summary
+    train_steps: one update -> the spike policy's response -> log / eval / save_at
 
 Running the same command again resumes from the newest good checkpoint in the stage's
 directory, with the data iterator exactly where it was.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -19,17 +22,19 @@ from geb_jax.checkpoint import Checkpointer, install_signal_save, published
 from geb_jax.eval import EvalConfig, evaluate_during_training
 from geb_jax.eval.suite import task_names
 from geb_jax.model import ModelConfig
-from geb_jax.model.lora import LoraConfig
+from geb_jax.model.attention import resolve_attention_impl
 from geb_jax.parallel.mesh import check_batch_divides, make_mesh
 from geb_jax.train import inputs
 from geb_jax.train.losses import check_batch_has_targets
 from geb_jax.train.metrics_log import MetricsLog, peak_flops_per_device
 from geb_jax.train.optimizer import learning_rate_at
-from geb_jax.train.program import build_step_program, check_mesh_fits, step_context
-from geb_jax.train.spikes import NumberedBatches, parse_batch_numbers, rewind_window
+from geb_jax.train.program import (StepProgram, build_step_program, check_mesh_fits,
+                                   step_context)
+from geb_jax.train.spikes import (NumberedBatches, SpikeConfig, SpikeResponse,
+                                  parse_batch_numbers, rewind_window)
 from geb_jax.train.state import (init_sharded_state, merged_params_jit, num_params,
                                  restore_stage_state, saved_lora_config)
-from geb_jax.train.step import SpikeConfig, global_batch
+from geb_jax.train.step import global_batch
 
 # LLaMA paper's energy estimate: Wh = GPU-hours x power x PUE; tCO2eq = MWh x 0.385.
 PUE, TCO2_PER_MWH = 1.1, 0.385
@@ -51,180 +56,267 @@ def energy_estimate(hours: float) -> dict:
 def train(config: ml_collections.ConfigDict, stage: str | None = None,
           init_params_from: str | None = None) -> dict:
     """Trains one stage to config.train.steps; returns a summary dict."""
-    stage = stage or config.train.stage
-    workdir = stage_dir(config, stage)
+    run = build_stage(config, stage or config.train.stage, init_params_from)
+    state, batches, start, resumed = restore_or_init(run)
+    log = MetricsLog(run.workdir, run.stage, run.total_steps, start)
+    log_start(run, log, state, start, resumed)
+    with install_signal_save() as stop, step_context(run.mesh):
+        if config.eval.every and config.eval.get("at_start") and start == 0:
+            run_eval(run, log, state, 0)  # the model the stage starts from: every "before"
+        state, batches, step, history = train_steps(run, log, stop, state, batches, start)
+    run.checkpointer.wait()
+    run.checkpointer.close()
+    summary = stage_summary(run, state, batches, step, history)
+    log.write(step, {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+              split="summary")
+    log.message(f"[{run.stage}] done: " + ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    log.close()
+    return summary
 
-    # ---- Mesh and input --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Stage:
+    """Everything one stage's run is built from (build_stage), read by the named steps."""
+    config: ml_collections.ConfigDict
+    stage: str
+    workdir: str
+    init_params_from: str | None
+    mesh: Any
+    model_config: ModelConfig
+    tokenizer: Any
+    dataset: Any
+    eval_batches: Any
+    eval_suite: EvalConfig
+    program: StepProgram
+    reference_params: Any
+    checkpointer: Checkpointer
+    spike: SpikeConfig
+    skip: frozenset
+    inject: frozenset
+    total_steps: int
+    started: float = dataclasses.field(default_factory=time.time)
+    compile_s: float | None = None
+    events: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.batch_size * self.config.train.seq_len
+
+    def numbered(self, data_iter, drawn: int) -> NumberedBatches:
+        return NumberedBatches(data_iter, drawn, self.skip, self.inject, self.spike.inject_kind,
+                               self.model_config.vocab_size)
+
+    def restore(self, step: int | None = None):
+        """(state, batches, step) of a checkpoint: the newest good one unless `step`."""
+        state, data_state, _, restored = self.checkpointer.restore(self.program.abstract, step)
+        data_iter = inputs.restore_iterator(self.dataset, data_state["iterator"])
+        return state, self.numbered(data_iter, data_state["batches_drawn"]), restored
+
+
+def build_stage(config: ml_collections.ConfigDict, stage: str,
+                init_params_from: str | None) -> Stage:
+    """Mesh (its divisibility checked first), input, the compiled step, DPO's reference and the
+    checkpointer: everything before the first update."""
     mesh = make_mesh(config.mesh)
     check_batch_divides(config.train.batch_size, mesh)
     model_config = ModelConfig.from_dict(config.model)
     check_mesh_fits(model_config, mesh)
     tokenizer = inputs.stage_tokenizer(config, model_config)
     dataset = inputs.train_dataset(config, stage, tokenizer)
-    eval_batches = inputs.eval_batches(config, stage, tokenizer)
     eval_suite = EvalConfig.from_dict(config.eval.suite)
     if jax.process_count() > 1:
         eval_suite = dataclasses.replace(eval_suite, tasks="")  # single-process for now
-
-    # ---- Update step (train/program.py: the program bench_train.py times) --------------------
     program = build_step_program(config, stage, mesh, next(iter(dataset)))
-    opt_config, lora, optimizer = program.opt_config, program.lora, program.optimizer
-    state_sh, abstract, batch_sh = program.state_sh, program.abstract, program.batch_sh
-    train_step, eval_step, model_params = (program.train_step, program.eval_step,
-                                           program.model_params)
-    spike = SpikeConfig.from_dict(config.train.spike)
-    total_steps = config.train.steps
-    load_start = lambda path: start_params(path, abstract, model_config, optimizer, mesh, lora)
     reference_params = None
     if stage == "dpo":  # the model the stage starts from (merged, if that stage used LoRA)
-        reference_params = (load_start(init_params_from) if init_params_from else
-                            inputs.load_reference_params(init_params_from, abstract))
+        reference_params = (start_params(init_params_from, program) if init_params_from else
+                            inputs.load_reference_params(init_params_from, program.abstract))
+    spike = SpikeConfig.from_dict(config.train.spike)
+    workdir = stage_dir(config, stage)
+    return Stage(
+        config=config, stage=stage, workdir=workdir, init_params_from=init_params_from,
+        mesh=mesh, model_config=model_config, tokenizer=tokenizer, dataset=dataset,
+        eval_batches=inputs.eval_batches(config, stage, tokenizer), eval_suite=eval_suite,
+        program=program, reference_params=reference_params,
+        checkpointer=Checkpointer(os.path.join(workdir, "checkpoints"),
+                                  save_every=config.checkpoint.every, keep=config.checkpoint.keep),
+        spike=spike, skip=parse_batch_numbers(config.train.skip_batches, "train.skip_batches"),
+        inject=parse_batch_numbers(spike.inject_batches, "train.spike.inject_batches"),
+        total_steps=config.train.steps)
 
-    # ---- Checkpoint: resume, or start from scratch / from the previous stage ----------------
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                save_every=config.checkpoint.every, keep=config.checkpoint.keep)
-    skip = parse_batch_numbers(config.train.skip_batches, "train.skip_batches")
-    inject = parse_batch_numbers(spike.inject_batches, "train.spike.inject_batches")
 
-    def numbered(data_iter, drawn: int) -> NumberedBatches:
-        return NumberedBatches(data_iter, drawn, skip, inject, spike.inject_kind,
-                               model_config.vocab_size)
+def restore_or_init(run: Stage):
+    """(state, batches, start step, how it started): resume from the newest good checkpoint,
+    else a fresh state -- from scratch, a published model or the previous stage."""
+    if run.checkpointer.latest_good_step() is not None:
+        state, batches, start = run.restore()
+        return state, batches, start, f"resumed from step {start}"
+    p = run.program
+    state = init_sharded_state(p.model_config, p.optimizer, run.config.seed, p.state_sh,
+                               lora=p.lora)
+    if run.init_params_from:  # under LoRA: the frozen base the adapters start on
+        state = state.replace(params=start_params(run.init_params_from, p))
+    return state, run.numbered(iter(run.dataset), 0), 0, "from " + (
+        run.init_params_from or "scratch")
 
-    def restore(step: int | None = None):
-        state, data_state, _, restored_step = checkpointer.restore(abstract, step)
-        data_iter = inputs.restore_iterator(dataset, data_state["iterator"])
-        return state, numbered(data_iter, data_state["batches_drawn"]), restored_step
 
-    if checkpointer.latest_good_step() is not None:
-        state, batches, start = restore()
-        resumed = f"resumed from step {start}"
-    else:
-        state = init_sharded_state(model_config, optimizer, config.seed, state_sh, lora=lora)
-        if init_params_from:  # under LoRA: the frozen base the adapters start on
-            state = state.replace(params=load_start(init_params_from))
-        batches = numbered(iter(dataset), 0)
-        start, resumed = 0, "from " + (init_params_from or "scratch")
-
-    # ---- Loop ------------------------------------------------------------------------------
-    log = MetricsLog(workdir, stage, total_steps, start)
-    tokens_per_step = config.train.batch_size * config.train.seq_len
-    flops_per_step = model_config.flops_per_token(config.train.seq_len) * tokens_per_step
-    peak = peak_flops_per_device()
+def log_start(run: Stage, log: MetricsLog, state, start: int, resumed: str) -> None:
+    """The run's first log line (size, what trains, mesh, tokens per step, how it started, the
+    attention kernel chosen and why) and
+    the bad input records the data pipeline left out, by reason (an "input_skipped" event)."""
+    lora = run.program.lora
     trained = (f" (frozen; LoRA rank {lora.rank} on {','.join(lora.targets)} trains "
                f"{num_params(state.lora):,})" if lora.enabled else "")
-    log.message(f"[{stage}] {num_params(state.params):,} parameters{trained}, mesh "
-                f"{dict(mesh.shape)}, {tokens_per_step:,} tokens/step, {resumed}")
-    skipped = inputs.input_report(dataset)["skipped"]  # bad records left out, by reason
+    c = run.model_config
+    impl, why = resolve_attention_impl(c.attention_impl, jax.default_backend(), c.dtype,
+                                          c.head_dim, run.config.train.seq_len)
+    log.message(f"[{run.stage}] {num_params(state.params):,} parameters{trained}, mesh "
+                f"{dict(run.mesh.shape)}, {run.tokens_per_step:,} tokens/step, {resumed}; "
+                f"attention: {impl} ({why})")
+    skipped = inputs.input_report(run.dataset)["skipped"]
     if skipped and start == 0:
         log.event(start, "input_skipped", **skipped)
-    watch_spikes = spike.policy in ("replace", "rewind")  # costs one host sync per step
-    events = {"replaced": 0, "rewound": 0}
-    history, t_start, t_last = [], time.time(), time.time()
-    step, last_logged, retries, compile_s = start, start, 0, None
+
+
+def run_eval(run: Stage, log: MetricsLog, state, at_step: int) -> None:
+    """Held-out loss (and DPO metrics) on the eval batches; the task suite at its steps."""
+    params = run.program.model_params(state) if run.program.lora.enabled else state.params
+    log.write(at_step, evaluate(run.program.eval_step, params, run.eval_batches,
+                                run.program.batch_sh, run.reference_params), split="eval")
+    if at_step == 0 and not run.config.eval.get("suite_at_start", True):
+        return
+    suite_every = run.config.eval.get("suite_every", 0)
+    if run.eval_suite.tasks and (not suite_every or at_step % suite_every == 0
+                                 or at_step == run.total_steps):
+        log.write(at_step, evaluate_during_training(
+            params, run.model_config, run.tokenizer, run.eval_suite,
+            reference_params=run.reference_params), split="eval_suite")
+
+
+def train_steps(run: Stage, log: MetricsLog, stop, state, batches, start: int):
+    """Updates until train.steps or a stop signal: one step, the spike policy's response, then
+    log / eval / save at their intervals. Returns (state, batches, step, [(step, loss)])."""
+    config, spikes = run.config, SpikeResponse(run.spike)
+    window = ThroughputWindow(run, start)
+    history, step = [], start
     config_dict = config.to_dict()  # what each checkpoint stores beside the state
+    while step < run.total_steps:
+        step += 1
+        host_batch = next(batches)
+        check_batch_has_targets(host_batch)
+        state, metrics = run.program.train_step(
+            state, global_batch(host_batch, run.program.batch_sh), run.reference_params)
+        action = spikes.after_step(metrics, run.checkpointer.latest_good_step)
+        if action == "replace":
+            log.event(step, "replaced", batch=batches.drawn)
+            step -= 1  # the same update again, on the next batch
+            continue
+        if action == "rewind":
+            spike_batch = batches.drawn
+            state, batches, step = run.restore(run.checkpointer.latest_good_step())
+            skipped = rewind_window(batches.drawn, spike_batch, run.spike.rewind_skip_batches)
+            batches.skip_later(skipped)
+            log.event(step, "rewound", spike_batch=spike_batch,
+                      skipped_batches=f"{skipped.start}-{skipped.stop - 1}")
+            window.restart(step)
+            continue
+        window.after_step(step, metrics, log)
+        if step % config.train.log_every == 0 or step == run.total_steps:
+            metrics = window.close(step, jax.device_get(metrics))
+            log.write(step, metrics)
+            history.append((step, float(metrics["loss"])))
+            log.progress(step, {"loss": f"{float(metrics['loss']):.3f}",
+                                **window.postfix(metrics)})
+            if not np.isfinite(metrics["loss"]):
+                log.message(f"step {step}: loss is not finite")
+        if config.eval.every and (step % config.eval.every == 0 or step == run.total_steps):
+            with window.paused():  # tokens/s counts training only
+                run_eval(run, log, state, step)
+        save_at(run, stop, state, batches, step, config_dict)
+        if stop.should_stop():
+            log.message(f"signal received: saved step {step}, exiting")
+            break
+    run.events.update(spikes.events)
+    return state, batches, step, history
 
-    suite_every = config.eval.get("suite_every", 0)
 
-    def run_eval(at_step: int) -> None:
-        params = state.params if not lora.enabled else model_params(state)
-        log.write(at_step, evaluate(eval_step, params, eval_batches, batch_sh,
-                                    reference_params), split="eval")
-        if at_step == 0 and not config.eval.get("suite_at_start", True):
-            return
-        if eval_suite.tasks and (not suite_every or at_step % suite_every == 0
-                                 or at_step == total_steps):
-            log.write(at_step, evaluate_during_training(
-                params, model_config, tokenizer, eval_suite,
-                reference_params=reference_params), split="eval_suite")
+def save_at(run: Stage, stop, state, batches, step: int, config_dict: dict) -> None:
+    """A checkpoint at the save interval, the last step or a stop signal; the data iterator's
+    state is serialised only then."""
+    force = stop.should_stop() or step == run.total_steps
+    if force or run.checkpointer.should_save(step):
+        data_state = {"iterator": inputs.iterator_state(batches.iterator),
+                      "batches_drawn": batches.drawn}
+        run.checkpointer.maybe_save(step, state, data_state, config_dict, force=force)
 
-    with install_signal_save() as stop, step_context(mesh):
-        if config.eval.every and config.eval.get("at_start") and start == 0:
-            run_eval(0)  # the model the stage starts from: the "before" of every metric
-            t_last = time.time()  # tokens/s counts training only
-        while step < total_steps:
-            step += 1
-            host_batch = next(batches)
-            check_batch_has_targets(host_batch)
-            state, metrics = train_step(state, global_batch(host_batch, batch_sh),
-                                        reference_params)
-            if watch_spikes and float(metrics["spike"]):
-                if spike.policy == "replace" and retries < spike.max_replacements:
-                    retries += 1
-                    events["replaced"] += 1
-                    log.event(step, "replaced", batch=batches.drawn)
-                    step -= 1  # the same update again, on the next batch
-                    continue
-                good = checkpointer.latest_good_step()
-                if (spike.policy == "rewind" and good is not None
-                        and events["rewound"] < spike.max_rewinds):
-                    spike_batch = batches.drawn
-                    state, batches, step = restore(good)
-                    window = rewind_window(batches.drawn, spike_batch, spike.rewind_skip_batches)
-                    batches.skip_later(window)
-                    events["rewound"] += 1
-                    log.event(step, "rewound", spike_batch=spike_batch,
-                              skipped_batches=f"{window.start}-{window.stop - 1}")
-                    last_logged = step
-                    continue
-            retries = 0
-            if compile_s is None:  # the first step compiled: keep it out of tokens/s and MFU
-                jax.block_until_ready(metrics)
-                compile_s = time.time() - t_last
-                log.message(f"step {step}: compiled and ran in {compile_s:.1f} s (not counted "
-                            "in tokens/s)")
-                t_last, last_logged = time.time(), step
-            if step % config.train.log_every == 0 or step == total_steps:
-                metrics = jax.device_get(metrics)
-                now = time.time()
-                metrics["learning_rate"] = learning_rate_at(opt_config, step)
-                if step > last_logged:  # a window of steps after compilation
-                    metrics["tokens_per_s"] = ((step - last_logged) * tokens_per_step
-                                               / max(now - t_last, 1e-9))
-                    if peak:
-                        metrics["mfu"] = metrics["tokens_per_s"] * flops_per_step / (
-                            tokens_per_step * peak * jax.device_count())
-                t_last, last_logged = now, step
-                log.write(step, metrics)
-                history.append((step, float(metrics["loss"])))
-                log.progress(step, {"loss": f"{float(metrics['loss']):.3f}",
-                                    **({"tok/s": f"{metrics['tokens_per_s']:,.0f}"}
-                                       if "tokens_per_s" in metrics else {}),
-                                    **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics
-                                       else {})})
-                if not np.isfinite(metrics["loss"]):
-                    log.message(f"step {step}: loss is not finite")
-            if config.eval.every and (step % config.eval.every == 0 or step == total_steps):
-                t_eval = time.time()
-                run_eval(step)
-                t_last += time.time() - t_eval  # tokens/s counts training only
-            force_save = stop.should_stop() or step == total_steps
-            if force_save or checkpointer.should_save(step):  # the iterator state only then
-                data_state = {"iterator": inputs.iterator_state(batches.iterator),
-                              "batches_drawn": batches.drawn}
-                checkpointer.maybe_save(step, state, data_state, config_dict, force=force_save)
-            if stop.should_stop():
-                log.message(f"signal received: saved step {step}, exiting")
-                break
-    checkpointer.wait()
-    checkpointer.close()
-    hours = (time.time() - t_start) / 3600
-    summary = {"stage": stage, "steps": step, "tokens_seen": batches.drawn * tokens_per_step,
-               "first_loss": history[0][1] if history else None,
-               "final_loss": history[-1][1] if history else None,
-               "skipped_updates": int(jax.device_get(state.skipped)), **events,
-               **({"compile_s": compile_s} if compile_s is not None else {}),
-               **(dpo_preference_summary(
-                   state.params if not lora.enabled else model_params(state), reference_params,
-                   model_config, tokenizer, eval_suite, mesh)
-                  if stage == "dpo" and config.eval.every
-                  and "dpo_preference" in task_names(eval_suite.tasks) else {}),
-               **energy_estimate(hours)}
-    log.write(step, {k: v for k, v in summary.items()
-                     if isinstance(v, (int, float))}, split="summary")
-    log.message(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
-                                                else f"{k}={v}" for k, v in summary.items()))
-    log.close()
-    return summary
+
+class ThroughputWindow:
+    """tokens/s and MFU over the steps between two logged ones, leaving out the first step
+    (compilation: its time is reported as compile_s) and evaluations."""
+
+    def __init__(self, run: Stage, start: int):
+        self.run, self.t_last, self.last_logged = run, time.time(), start
+        self.peak = peak_flops_per_device()
+        self.flops_per_token = run.model_config.flops_per_token(run.config.train.seq_len)
+
+    def after_step(self, step: int, metrics, log: MetricsLog) -> None:
+        if self.run.compile_s is None:  # the first step compiled: keep it out of the windows
+            jax.block_until_ready(metrics)
+            self.run.compile_s = time.time() - self.t_last
+            log.message(f"step {step}: compiled and ran in {self.run.compile_s:.1f} s (not "
+                        "counted in tokens/s)")
+            self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.t_last, self.last_logged = time.time(), step
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.time()
+        yield
+        self.t_last += time.time() - started
+
+    def close(self, step: int, metrics: dict) -> dict:
+        """The window's tokens/s and MFU (none for an empty window) and the learning rate."""
+        now = time.time()
+        metrics["learning_rate"] = learning_rate_at(self.run.program.opt_config, step)
+        if step > self.last_logged:
+            metrics["tokens_per_s"] = ((step - self.last_logged) * self.run.tokens_per_step
+                                       / max(now - self.t_last, 1e-9))
+            if self.peak:
+                metrics["mfu"] = (metrics["tokens_per_s"] * self.flops_per_token
+                                  / (self.peak * jax.device_count()))
+        self.t_last, self.last_logged = now, step
+        return metrics
+
+    @staticmethod
+    def postfix(metrics: dict) -> dict:
+        out = {}
+        if "tokens_per_s" in metrics:
+            out["tok/s"] = f"{metrics['tokens_per_s']:,.0f}"
+        if "mfu" in metrics:
+            out["mfu"] = f"{metrics['mfu']:.1%}"
+        return out
+
+
+def stage_summary(run: Stage, state, batches, step: int, history) -> dict:
+    """What the stage did: steps, tokens, first/last loss, spikes, compile time, DPO's held-out
+    preference accuracy before and after, and the LLaMA paper's energy estimate."""
+    p = run.program
+    with_preference = (run.stage == "dpo" and run.config.eval.every
+                       and "dpo_preference" in task_names(run.eval_suite.tasks))
+    return {"stage": run.stage, "steps": step, "tokens_seen": batches.drawn * run.tokens_per_step,
+            "first_loss": history[0][1] if history else None,
+            "final_loss": history[-1][1] if history else None,
+            "skipped_updates": int(jax.device_get(state.skipped)),
+            "replaced": run.events.get("replaced", 0), "rewound": run.events.get("rewound", 0),
+            **({"compile_s": run.compile_s} if run.compile_s is not None else {}),
+            **(dpo_preference_summary(
+                p.model_params(state) if p.lora.enabled else state.params,
+                run.reference_params, run.model_config, run.tokenizer, run.eval_suite,
+                run.mesh) if with_preference else {}),
+            **energy_estimate((time.time() - run.started) / 3600)}
 
 
 def dpo_preference_summary(params, reference_params, model_config: ModelConfig, tokenizer,
@@ -245,8 +337,7 @@ def dpo_preference_summary(params, reference_params, model_config: ModelConfig, 
                 "reward_accuracy": accuracy(params, reference_params)}
 
 
-def start_params(path: str, abstract, model_config: ModelConfig, optimizer, mesh,
-                 lora: LoraConfig):
+def start_params(path: str, program: StepProgram):
     """The parameters a stage starts from (and DPO's reference): a published model, or the
     final parameters of an earlier stage -- merged with its adapters if it trained LoRA.
 
@@ -254,12 +345,14 @@ def start_params(path: str, abstract, model_config: ModelConfig, optimizer, mesh
     the earlier stage's state is restored with *its* saved config.lora (it may differ from this
     stage's, e.g. full pretraining then LoRA SFT) and its adapters are merged into its base.
     """
+    abstract = program.abstract
     if published.is_published(path):
         return inputs.load_params(path, abstract)
     previous = saved_lora_config(path)
-    if not previous.enabled and not lora.enabled:
+    if not previous.enabled and not program.lora.enabled:
         return inputs.load_params(path, abstract)
-    state = restore_stage_state(path, model_config, optimizer, mesh, previous)
+    state = restore_stage_state(path, program.model_config, program.optimizer, program.mesh,
+                                previous)
     params_sh = jax.tree.map(lambda x: x.sharding, abstract.params)
     return merged_params_jit(previous, params_sh)(state)
 

@@ -100,6 +100,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geb_jax.model.transformer import default_positions_and_segments
+
 Array = jax.Array
 Batch = Mapping[str, Any]
 Apply = Callable[..., Array]
@@ -212,18 +214,12 @@ def _masked_sum(values: Array, mask: Array, axis=None) -> Array:
     return jnp.sum(jnp.where(mask != 0, values * mask, 0.0), axis=axis)
 
 
-def _default_positions_segments(tokens_bt: Array) -> tuple[Array, Array]:
-    b, t = tokens_bt.shape
-    return (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
-            jnp.ones((b, t), dtype=jnp.int32))
-
-
 def _model_inputs(batch: Batch, prefix: str = "") -> tuple[Array, Array, Array]:
     tokens = jnp.asarray(batch[prefix + "inputs"])
     positions = batch.get(prefix + "positions")
     segments = batch.get(prefix + "segment_ids")
     if positions is None or segments is None:
-        default_pos, default_seg = _default_positions_segments(tokens)
+        default_pos, default_seg = default_positions_and_segments(tokens)
         positions = default_pos if positions is None else positions
         segments = default_seg if segments is None else segments
     return tokens, jnp.asarray(positions), jnp.asarray(segments)

@@ -73,6 +73,7 @@ import numpy as np
 import optax
 
 from geb_jax.model.config import ConfigError
+from geb_jax.tree_paths import key_name, path_names
 
 Array = jax.Array
 PyTree = Any
@@ -225,17 +226,6 @@ def learning_rate_at(hp: OptimizerConfig, step):
 
 
 # ---- parameter selection ----------------------------------------------------------------------
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path_names(path) -> tuple[str, ...]:
-    return tuple(_key_name(k) for k in path)
-
-
 def decay_mask(params: PyTree, decay_embeddings: bool = True) -> PyTree:
     """Bool tree: True where AdamW applies weight decay.
 
@@ -245,7 +235,7 @@ def decay_mask(params: PyTree, decay_embeddings: bool = True) -> PyTree:
     final_norm scales) and any vector or scalar. Works on arrays and ShapeDtypeStructs.
     """
     def rule(path, leaf) -> bool:
-        names = _path_names(path)
+        names = path_names(path)
         if any(name.endswith("norm") for name in names):
             return False
         matrix_ndim = len(np.shape(leaf)) - (1 if LAYERS_KEY in names else 0)
@@ -275,7 +265,7 @@ def scale_embedding_gradient(alpha: float, key: str = EMBEDDING_KEY
         found = []
 
         def scale(path, g):
-            if path and _key_name(path[-1]) == key:
+            if path and key_name(path[-1]) == key:
                 found.append(path)
                 return g * jnp.asarray(alpha, dtype=g.dtype)
             return g
@@ -377,7 +367,7 @@ def accumulate_gradients(grad_fn: Callable, params: PyTree, batch: PyTree, micro
         return jnp.promote_types(dtype, jnp.float32)
 
     def is_count(path, dtype) -> bool:
-        names = _path_names(path)
+        names = path_names(path)
         return not jnp.issubdtype(dtype, jnp.inexact) or (
             weighted and len(names) == 1 and names[0] == weight_key)
 

@@ -26,8 +26,9 @@ from geb_jax.train.losses import cross_entropy_loss, dpo_loss
 from geb_jax.train.optimizer import PAIRS_KEY, TOKENS_KEY, OptimizerConfig, make_optimizer
 from geb_jax.train.state import (TrainState, abstract_state, lora_optimizer_config,
                                  merged_params_jit, state_shardings)
-from geb_jax.train.step import (SpikeConfig, batch_shardings, jit_eval_step, jit_train_step,
-                                make_eval_step, make_train_step)
+from geb_jax.train.spikes import SpikeConfig
+from geb_jax.train.step import (batch_shardings, jit_eval_step, jit_train_step, make_eval_step,
+                                make_train_step)
 
 
 def bind_loss(stage: str, apply, train_config: ml_collections.ConfigDict):

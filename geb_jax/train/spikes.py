@@ -1,9 +1,10 @@
-"""The host side of GEB/PaLM loss-spike handling: which data batches to skip, and injected
-faults for stability studies.
+"""GEB/PaLM loss-spike handling, all of it: the config, the in-step detection and skip, the
+loop's replace / rewind, which data batches to skip, and injected faults for stability studies.
 
-The train step itself detects a spike (loss or gradient norm k times its running mean, or a
-non-finite value) and, under every policy but "none", leaves parameters and optimizer state
-unchanged (train/step.py). What happens next is decided in the loop (train/loop.py):
+The train step detects a spike (loss or gradient norm k times its running mean, or a non-finite
+value) and, under every policy but "none", leaves parameters and optimizer state unchanged
+(`detect_spike`, `update_running_means`, called from train/step.py without a host round trip).
+What happens next is `SpikeResponse.after_step`'s decision, which the loop carries out:
 
     skip     the update is dropped; training goes on with the next batch
     replace  the same update is retried on the next batch (at most max_replacements times)
@@ -15,11 +16,100 @@ batches drawn (trained, skipped or replaced), so these numbers survive a resume.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from geb_jax.model.config import ConfigError
 
 INJECT_KINDS = ("garbage", "nonfinite")
+SPIKE_POLICIES = ("none", "skip", "replace", "rewind")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpikeConfig:
+    """When is an update a spike, and what happens then (see module docstring)."""
+    policy: str = "skip"  # none | skip | replace | rewind
+    loss_factor: float = 2.0  # spike if loss > loss_factor x running mean loss
+    grad_norm_factor: float = 10.0  # ... or grad norm > grad_norm_factor x its running mean
+    warmup_steps: int = 20  # running means need this many updates before thresholds apply
+    ema_decay: float = 0.95
+    rewind_skip_batches: int = 100  # rewind: batches skipped after restoring (GEB: 100-200)
+    max_replacements: int = 3  # replace: retries of one update before it is simply skipped
+    max_rewinds: int = 10  # rewind: per run; later spikes are skipped
+    inject_batches: str = ""  # studies only: corrupt these batch numbers ("100-120")
+    inject_kind: str = "garbage"  # garbage | nonfinite (inject_fault)
+
+    def __post_init__(self):
+        if self.policy not in SPIKE_POLICIES:
+            raise ConfigError(f"train.spike.policy={self.policy!r} is not one of "
+                              f"{', '.join(SPIKE_POLICIES)}.")
+        if self.loss_factor <= 1 or self.grad_norm_factor <= 1:
+            raise ConfigError("train.spike.loss_factor and grad_norm_factor must be above 1.")
+        if min(self.rewind_skip_batches, self.max_replacements, self.max_rewinds) < 0:
+            raise ConfigError("train.spike.rewind_skip_batches, max_replacements and "
+                              "max_rewinds must be >= 0.")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SpikeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown train.spike field(s) {unknown}; known: {sorted(known)}.")
+        return cls(**dict(values))
+
+
+# ------------------------------------------------------------------- inside the step (jit)
+
+def detect_spike(loss, grad_norm, state, spike: SpikeConfig) -> jax.Array:
+    """True for a non-finite loss or gradient norm, or (once the running means are warm) one
+    above its factor times its running mean."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    armed = state.ema_count >= spike.warmup_steps
+    too_high = (loss > spike.loss_factor * state.loss_ema) | (
+        grad_norm > spike.grad_norm_factor * state.grad_norm_ema)
+    return ~finite | (armed & too_high)
+
+
+def update_running_means(state, loss, grad_norm, spiked, decay):
+    """Running means of loss and gradient norm, fed only by healthy updates (bias-corrected)."""
+    count = state.ema_count + jnp.where(spiked, 0, 1)
+    mix = lambda old, new: jnp.where(spiked, old, decay * old + (1 - decay) * new)
+    raw_loss = mix(state.loss_ema * (1 - decay ** state.ema_count), loss)
+    raw_norm = mix(state.grad_norm_ema * (1 - decay ** state.ema_count), grad_norm)
+    correction = jnp.maximum(1 - decay ** count, 1e-12)
+    return raw_loss / correction, raw_norm / correction, count
+
+
+# ------------------------------------------------------------------- in the loop (host)
+
+class SpikeResponse:
+    """The loop's side of the policy: after each update, "keep" (the step already skipped a
+    spike, or there was none), "replace" or "rewind"; counts what it did in `events`."""
+
+    def __init__(self, spike: SpikeConfig):
+        self.spike = spike
+        self.watching = spike.policy in ("replace", "rewind")  # one host sync per step
+        self.events = {"replaced": 0, "rewound": 0}
+        self._retries = 0
+
+    def after_step(self, metrics, latest_good_step: Callable[[], int | None]) -> str:
+        if not (self.watching and float(metrics["spike"])):
+            self._retries = 0
+            return "keep"
+        if self.spike.policy == "replace" and self._retries < self.spike.max_replacements:
+            self._retries += 1
+            self.events["replaced"] += 1
+            return "replace"
+        self._retries = 0
+        if (self.spike.policy == "rewind" and self.events["rewound"] < self.spike.max_rewinds
+                and latest_good_step() is not None):
+            self.events["rewound"] += 1
+            return "rewind"
+        return "keep"
 
 
 def parse_batch_numbers(spec: str, field: str) -> frozenset[int]:

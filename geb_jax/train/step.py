@@ -2,13 +2,12 @@
 with explicit in/out shardings (the modern pjit) and the state buffer donated.
 
 Pretrain, SFT and DPO share this code; they differ only in `loss_fn` and the batch.
-Spike handling inside the step (GEB/PaLM practice): an update whose loss or gradient norm is
-k times its running average, or is not finite, can be skipped here without a host round trip;
-replacing the batch or rewinding to a checkpoint are the loop's job (train/spikes.py).
+An update train/spikes.py calls a spike (loss or gradient norm k times its running mean, or
+not finite) is skipped here, without a host round trip; replacing the batch or rewinding to a
+checkpoint are the loop's (train/spikes.py SpikeResponse).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
@@ -17,64 +16,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from geb_jax.model import lora as lora_lib
-from geb_jax.model.config import ConfigError
 from geb_jax.parallel.mesh import batch_sharding, replicated
 from geb_jax.train.optimizer import accumulate_gradients
+from geb_jax.train.spikes import SpikeConfig, detect_spike, update_running_means
 from geb_jax.train.state import LoraTrainState, TrainState
-
-SPIKE_POLICIES = ("none", "skip", "replace", "rewind")
-
-
-@dataclasses.dataclass(frozen=True)
-class SpikeConfig:
-    """When is an update a spike, and what happens then (see module docstring)."""
-    policy: str = "skip"  # none | skip | replace | rewind
-    loss_factor: float = 2.0  # spike if loss > loss_factor x running mean loss
-    grad_norm_factor: float = 10.0  # ... or grad norm > grad_norm_factor x its running mean
-    warmup_steps: int = 20  # running means need this many updates before thresholds apply
-    ema_decay: float = 0.95
-    rewind_skip_batches: int = 100  # rewind: batches skipped after restoring (GEB: 100-200)
-    max_replacements: int = 3  # replace: retries of one update before it is simply skipped
-    max_rewinds: int = 10  # rewind: per run; later spikes are skipped
-    inject_batches: str = ""  # studies only: corrupt these batch numbers ("100-120")
-    inject_kind: str = "garbage"  # garbage | nonfinite (train/spikes.py)
-
-    def __post_init__(self):
-        if self.policy not in SPIKE_POLICIES:
-            raise ConfigError(f"train.spike.policy={self.policy!r} is not one of "
-                              f"{', '.join(SPIKE_POLICIES)}.")
-        if self.loss_factor <= 1 or self.grad_norm_factor <= 1:
-            raise ConfigError("train.spike.loss_factor and grad_norm_factor must be above 1.")
-        if min(self.rewind_skip_batches, self.max_replacements, self.max_rewinds) < 0:
-            raise ConfigError("train.spike.rewind_skip_batches, max_replacements and "
-                              "max_rewinds must be >= 0.")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SpikeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown train.spike field(s) {unknown}; known: {sorted(known)}.")
-        return cls(**dict(values))
-
-
-def _detect_spike(loss, grad_norm, state: TrainState, spike: SpikeConfig) -> jax.Array:
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    armed = state.ema_count >= spike.warmup_steps
-    too_high = (loss > spike.loss_factor * state.loss_ema) | (
-        grad_norm > spike.grad_norm_factor * state.grad_norm_ema)
-    return ~finite | (armed & too_high)
-
-
-def _update_emas(state: TrainState, loss, grad_norm, spiked, decay):
-    """Running means of loss and gradient norm, fed only by healthy updates (bias-corrected)."""
-    count = state.ema_count + jnp.where(spiked, 0, 1)
-    mix = lambda old, new: jnp.where(spiked, old, decay * old + (1 - decay) * new)
-    raw_loss = mix(state.loss_ema * (1 - decay ** state.ema_count), loss)
-    raw_norm = mix(state.grad_norm_ema * (1 - decay ** state.ema_count), grad_norm)
-    correction = jnp.maximum(1 - decay ** count, 1e-12)
-    return raw_loss / correction, raw_norm / correction, count
-
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                     microbatches: int = 1, weight_key: str | None = "tokens",
@@ -109,11 +54,11 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         updates, new_opt_state = optimizer.update(grads, state.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
 
-        spiked = _detect_spike(loss, grad_norm, state, spike)
+        spiked = detect_spike(loss, grad_norm, state, spike)
         skip = spiked if spike.policy != "none" else jnp.zeros((), bool)
         keep_old = lambda old, new: jax.tree.map(lambda o, n: jnp.where(skip, o, n), old, new)
-        loss_ema, grad_norm_ema, ema_count = _update_emas(state, loss, grad_norm, spiked,
-                                                          spike.ema_decay)
+        loss_ema, grad_norm_ema, ema_count = update_running_means(state, loss, grad_norm, spiked,
+                                                                  spike.ema_decay)
         new_state = state.replace(
             step=state.step + 1,
             **{"lora" if use_lora else "params": keep_old(trainable, new_trainable)},
