@@ -62,3 +62,15 @@ def test_main_rejects_indivisible_heads_with_the_field_names():
                    f"--config.workdir={os.devnull}-unused")
     assert result.returncode != 0
     assert "n_kv_heads" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_main_reports_a_data_glob_that_matches_nothing_in_one_line(tmp_path):
+    """A fresh process, as a user runs it: one `error:` line naming the pattern and the field,
+    no traceback."""
+    pattern = str(tmp_path / "missing" / "*.jsonl")
+    result = _main("--config", TINY + ":smoke", f"--config.workdir={tmp_path / 'run'}",
+                   "--config.data.source=local", f"--config.data.path={pattern}")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and pattern in errors[0] and "data.path" in errors[0]
+    assert "Traceback" not in result.stderr

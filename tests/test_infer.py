@@ -533,3 +533,26 @@ def test_cli_generate_and_chat_end_to_end(saved_model, tokenizer):
     result = _run(_NO_JAX + f"sys.argv = ['geb_jax.infer'] + {bad!r}\n"
                   "runpy.run_module('geb_jax.infer', run_name='__main__')")
     assert result.returncode != 0 and "top_p" in result.stderr
+
+
+def test_cli_generate_stops_at_the_end_of_the_context(saved_model, tokenizer):
+    """The README's line (default --max-tokens 256) on a context shorter than prompt + 256:
+    generation fills the context and stops with a note, as llama.cpp does, instead of failing."""
+    path, _, _ = saved_model
+    prompt_ids = tokenizer.encode("你好", add_bos=True)
+    max_len = len(prompt_ids) + 9
+    argv = ["generate", "--model", path, "--prompt", "你好", "--temperature", "0",
+            "--max-len", str(max_len), "--verbose"]
+    result = _run(_NO_JAX + f"sys.argv = ['geb_jax.infer'] + {argv!r}\n"
+                  "runpy.run_module('geb_jax.infer', run_name='__main__')")
+    assert result.returncode == 0, result.stderr
+    weights, _ = load_model(path)
+    expected = generate(Engine(weights, max_len=max_len), tokenizer, prompt_ids, temperature=0,
+                        max_new_tokens=9, stop_token_ids=())
+    text = "".join(expected)
+    assert len(expected.token_ids) == 9 and result.stdout == text + "\n"
+    assert f"stopped at the end of the context: {max_len} positions" in result.stderr
+    full = ["generate", "--model", path, "--prompt", "你好", "--max-len", str(len(prompt_ids))]
+    result = _run(_NO_JAX + f"sys.argv = ['geb_jax.infer'] + {full!r}\n"
+                  "runpy.run_module('geb_jax.infer', run_name='__main__')")
+    assert result.returncode == 2 and result.stderr.startswith("error: the prompt")

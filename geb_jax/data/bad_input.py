@@ -74,3 +74,8 @@ class SkipReport:
 
 class SourceError(ValueError):
     """A source is misconfigured or has nothing usable (the message says which file / field)."""
+
+
+class MissingInputError(SourceError, FileNotFoundError):
+    """No file matches a pattern, or a dataset is not prepared: a SourceError (the entry points
+    print it as one `error:` line) that is also the FileNotFoundError it is."""

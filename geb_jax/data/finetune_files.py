@@ -30,9 +30,9 @@ import gzip
 import json
 import os
 import sys
-import tempfile
 from typing import Sequence
 
+from geb_jax.atomic_io import atomic_path
 from geb_jax.data.demo_tasks import (builtin_dpo_pairs, builtin_sft_conversations,
                                      preference_sft_conversations)
 
@@ -118,12 +118,7 @@ def dpo_records() -> dict[str, list[dict]]:
 
 
 def _write(path: str, records: list[dict]) -> None:
-    """Atomic: a temporary name in the same folder, then rename."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.endswith(".parquet"):
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -133,11 +128,6 @@ def _write(path: str, records: list[dict]) -> None:
             data = lines.encode("utf-8")
             with open(tmp, "wb") as f:
                 f.write(gzip.compress(data, mtime=0) if path.endswith(".gz") else data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would stay on the shipped file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_finetune_files(out_dir: str) -> list[str]:

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from geb_jax.data import bad_input as B
-from geb_jax.data.bad_input import SkipReport, SourceError
+from geb_jax.data.bad_input import MissingInputError, SkipReport, SourceError
 from geb_jax.data.chat_records import RecordError
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def expand(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str
         if not found:
             hint = (" (it names only directories: add a file glob, e.g. "
                     f"{os.path.join(p, '*.jsonl')!r})" if matches else "")
-            raise FileNotFoundError(f"no files match the pattern {p!r}{hint}")
+            raise MissingInputError(f"no files match the pattern {p!r}{hint}; point data.path "
+                                    "(or data.valid_path) at files that exist")
         files.update(dict.fromkeys(found))
     return list(files)
 

@@ -31,11 +31,11 @@ import gzip
 import json
 import os
 import sys
-import tempfile
 from typing import Iterator, Sequence
 
 import ml_collections
 
+from geb_jax.atomic_io import atomic_file
 from geb_jax.data import bad_input as B
 from geb_jax.data.bad_input import SkipReport
 from geb_jax.model.config import ConfigError
@@ -156,42 +156,15 @@ def count_builtin(split: str) -> int:
 
 # ------------------------------------------------------------------------------ output
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str, write) -> None:
-    """write(binary_file) into a temporary file beside `path`, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_documents(path: str, documents) -> int:
     """Writes documents as gzip'd JSONL (fixed mtime, sorted keys); returns how many."""
     count = 0
 
-    def write(f):
-        nonlocal count
-        with gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
-            for doc in documents:
-                gz.write(json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8"))
-                gz.write(b"\n")
-                count += 1
-
-    _atomic_write(path, write)
+    with atomic_file(path) as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0) as gz:
+        for doc in documents:
+            gz.write(json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+            gz.write(b"\n")
+            count += 1
     return count
 
 
@@ -284,10 +257,10 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
     finally:
         bar.close()
     report.input_skipped = skipped.as_dict()
-    _atomic_write(os.path.join(output, "report.json"),
-                  lambda f: f.write(report.to_json().encode("utf-8") + b"\n"))
-    _atomic_write(os.path.join(output, "report.md"),
-                  lambda f: f.write(report.to_markdown().encode("utf-8")))
+    with atomic_file(os.path.join(output, "report.json"), "w", encoding="utf-8") as f:
+        f.write(report.to_json() + "\n")
+    with atomic_file(os.path.join(output, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report.to_markdown())
     return report
 
 

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import grain
 import numpy as np
 
-from geb_jax.atomic_folder import atomic_folder
+from geb_jax.atomic_io import atomic_folder
 from geb_jax.data.bad_input import SourceError
 from geb_jax.data.tokenizer import Tokenizer, builtin_tokenizer, fingerprint
 

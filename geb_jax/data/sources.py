@@ -58,7 +58,8 @@ import grain
 import numpy as np
 
 from geb_jax.data import chat_records
-from geb_jax.data.bad_input import DEFAULT_MAX_RECORD_BYTES, SkipReport, SourceError
+from geb_jax.data.bad_input import (DEFAULT_MAX_RECORD_BYTES, MissingInputError, SkipReport,
+                                    SourceError)
 from geb_jax.data.local_files import BAD_RECORDS, SUFFIXES, TXT_UNITS, LocalSource
 
 SOURCES = ("builtin", "local", "tfds", "pretokenized", "mixture")
@@ -242,7 +243,7 @@ def find_prepared_tfds(name: str, data_dir: str) -> tuple[str, str]:
     if version and version not in versions:
         versions = []
     if not versions:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"tfds dataset {name!r} is not prepared under data_dir {data_dir!r} (no "
             f"{os.path.join(folder, version or '<version>', 'dataset_info.json')}). "
             f"tfds_documents never downloads: prepare it first - for local files with "

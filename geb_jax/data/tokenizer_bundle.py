@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
+
+from geb_jax.atomic_io import atomic_file, atomic_folder
 
 FOLDER_KEY = "geb_jax_tokenizer_folder"
 FOLDER_FILES = ("tokenizer.json", "tokenizer_config.json", "gguf_tokenizer.json")
@@ -42,23 +42,13 @@ def is_folder_bundle(blob: bytes) -> bool:
 
 def unbundle(blob: bytes, target: str) -> str:
     """Write a bundle to `target` (a .model file, or a folder for a folder bundle) atomically."""
-    parent = os.path.dirname(os.path.abspath(target)) or "."
-    os.makedirs(parent, exist_ok=True)
     if not is_folder_bundle(blob):
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(target) as f:
             f.write(blob)
-        os.replace(tmp, target)
         return target
     files = json.loads(blob.decode("utf-8"))["files"]
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    try:
+    with atomic_folder(target) as tmp:
         for name, text in files.items():
             with open(os.path.join(tmp, os.path.basename(name)), "w", encoding="utf-8") as f:
                 f.write(text)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from geb_jax.atomic_io import write_json_atomic
 from geb_jax.eval.suite import EvalConfig
 
 
@@ -110,15 +111,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, ensure_ascii=False, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from geb_jax.checkpoint import CheckpointError
@@ -143,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or (os.path.join(args.workdir, args.stage, "eval.json") if args.workdir
                              else "eval.json")
     write_json_atomic(output, {**source, "config": dataclasses.asdict(config),
-                               "seconds": time.time() - start, "results": results})
+                               "seconds": time.time() - start, "results": results},
+                      indent=2, ensure_ascii=False, sort_keys=True)
     print(f"wrote {output}")
     return 0
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
-import tempfile
 import zlib
 from typing import Any, Mapping
 
@@ -39,6 +38,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 
+from geb_jax.atomic_io import atomic_path
 from geb_jax.export import published_tokenizer
 from geb_jax.export.hf import hf_state_dict_from_params
 from geb_jax.infer.gguf_file import (ARCHITECTURE, SENTENCEPIECE_MODEL_KEY, TOKENIZER_SHA256_KEY,
@@ -231,36 +231,28 @@ def export_gguf(params: Mapping, model_config: ModelConfig | Mapping[str, Any],
     state = hf_state_dict_from_params(params, c)  # also checks every shape against the config
 
     out_path = os.path.abspath(os.fspath(out_path))
-    parent, base = os.path.split(out_path)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
-    os.close(fd)
-    writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
-    try:
-        _add_metadata(writer, c, vocab, name, file_type)
-        plan = []  # (hf name, gguf name, ggml type), in writing order
-        for hf_name, value in state.items():
-            qtype = _ggml_type(value.shape, matrix_type)
-            gg_name = gguf_tensor_name(hf_name)
-            shape, np_dtype, nbytes = _stored_shape(value.shape, qtype)
-            writer.add_tensor_info(gg_name, shape, np_dtype, nbytes,
-                                   raw_dtype=qtype if qtype in (Q.Q8_0, Q.Q4_0) else None)
-            plan.append((hf_name, gg_name, qtype))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        expected = {}
-        for hf_name, gg_name, qtype in plan:  # one tensor encoded at a time: bounded memory
-            value = state.pop(hf_name)
-            data = _encode(_llama_cpp_layout(hf_name, value, c), qtype)
-            writer.write_tensor_data(data)
-            expected[gg_name] = (qtype, value.shape, zlib.crc32(data.tobytes()))
-        writer.close()  # flushes; the second close in `finally` is a no-op
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
+        try:
+            _add_metadata(writer, c, vocab, name, file_type)
+            plan = []  # (hf name, gguf name, ggml type), in writing order
+            for hf_name, value in state.items():
+                qtype = _ggml_type(value.shape, matrix_type)
+                gg_name = gguf_tensor_name(hf_name)
+                shape, np_dtype, nbytes = _stored_shape(value.shape, qtype)
+                writer.add_tensor_info(gg_name, shape, np_dtype, nbytes,
+                                       raw_dtype=qtype if qtype in (Q.Q8_0, Q.Q4_0) else None)
+                plan.append((hf_name, gg_name, qtype))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            expected = {}
+            for hf_name, gg_name, qtype in plan:  # one tensor encoded at a time: bounded memory
+                value = state.pop(hf_name)
+                data = _encode(_llama_cpp_layout(hf_name, value, c), qtype)
+                writer.write_tensor_data(data)
+                expected[gg_name] = (qtype, value.shape, zlib.crc32(data.tobytes()))
+        finally:
+            writer.close()  # flushes (a second close is a no-op)
         _verify(tmp, expected)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; exports are meant to be shared
-        os.replace(tmp, out_path)
-    finally:
-        writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out_path

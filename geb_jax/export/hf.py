@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import safetensors.numpy
 
-from geb_jax.atomic_folder import atomic_folder
+from geb_jax.atomic_io import atomic_folder
 from geb_jax.infer.weights import WeightsError, param_leaf
 from geb_jax.model.config import ConfigError, ModelConfig
 

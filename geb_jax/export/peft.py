@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 import safetensors.numpy
 
-from geb_jax.atomic_folder import atomic_folder
+from geb_jax.atomic_io import atomic_folder
 from geb_jax.model.config import ConfigError, ModelConfig
 from geb_jax.model.lora import A_KEY, B_KEY, LAYERS_KEY, TARGETS, LoraConfig
 

@@ -23,7 +23,9 @@ from geb_jax.infer.sampling import SamplingOptionError, SamplingParams, generate
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=".gguf / .onnx file, Hugging Face folder, "
                    "or numpy export folder")
-    p.add_argument("--max-tokens", type=int, default=256, help="max new tokens (default 256)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="max new tokens (default 256); generation stops earlier at the end of "
+                        "the context (max_seq_len, or --max-len), with a note, as llama.cpp does")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=40, help="0 disables (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="1 disables (default 0.95)")
@@ -84,10 +86,19 @@ def _generate(args, engine, tokenizer) -> int:
                            and not args.no_bos)
     if not ids:
         raise SamplingOptionError("the prompt is empty (and no bos is added)")
-    generation = generate(engine, tokenizer, ids, _params(args, args.max_tokens))
+    room = engine.max_len - len(ids)
+    if room < 1:
+        raise ContextLengthError(
+            f"the prompt ({len(ids)} tokens) fills the model's context ({engine.max_len} "
+            "positions); shorten it" + ("" if args.max_len else " or pass a larger --max-len"))
+    max_new = min(args.max_tokens, room)
+    generation = generate(engine, tokenizer, ids, _params(args, max_new))
     seconds = _stream(generation, sys.stdout)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if max_new < args.max_tokens and generation.finish_reason == "length":
+        print(f"[stopped at the end of the context: {engine.max_len} positions, "
+              f"{len(ids)} of them the prompt]", file=sys.stderr)
     _report(args, generation, seconds)
     return 0
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from geb_jax.atomic_folder import atomic_folder
+from geb_jax.atomic_io import atomic_folder
 from geb_jax.infer.config import InferConfig
 from geb_jax.infer.weights import Weights
 

@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Callable
 
+from geb_jax.atomic_io import write_json_atomic
 from geb_jax.sweep.spec import Run, Sweep, SweepError, format_value
 
 RUN_FILE, LOG_FILE, ATTEMPTS_FILE, DONE_FILE = (
@@ -46,14 +47,6 @@ def run_argv(config_spec: str, run: Run, workdir: str, python: str = sys.executa
     return [python, "-m", "geb_jax.main", "--config", config_spec,
             *(f"--config.{k}={format_value(v)}" for k, v in run.all_overrides.items()),
             f"--config.workdir={run_dir(workdir, run)}"]
-
-
-def write_json_atomic(path: str, value) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _identity(config_spec: str, run: Run) -> dict:
@@ -119,7 +112,8 @@ def run_sweep(sweep: Sweep, config_spec: str, workdir: str, launch: Launcher = s
             outcomes.append(Outcome(run.name, "pending"))
             continue
         os.makedirs(directory, exist_ok=True)
-        write_json_atomic(os.path.join(directory, RUN_FILE), _identity(config_spec, run))
+        write_json_atomic(os.path.join(directory, RUN_FILE), _identity(config_spec, run),
+                          sort_keys=True)
         log_path = os.path.join(directory, LOG_FILE)
         echo(f"{prefix}: running (log: {log_path})")
         started = time.time()
@@ -131,7 +125,8 @@ def run_sweep(sweep: Sweep, config_spec: str, workdir: str, launch: Launcher = s
         if returncode == 0:
             write_json_atomic(os.path.join(directory, DONE_FILE),
                               {"argv": argv[1:], "finished": time.time(),
-                               "wall_s": sum(a["wall_s"] for a in attempts(directory))})
+                               "wall_s": sum(a["wall_s"] for a in attempts(directory))},
+                              sort_keys=True)
             echo(f"{prefix}: done in {wall:.0f} s")
             outcomes.append(Outcome(run.name, "done", returncode, wall))
         else:
