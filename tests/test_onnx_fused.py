@@ -226,6 +226,23 @@ def test_engine_reads_the_fused_file(files, variant, mode):
         assert head.input[1] == gather.input[0]
 
 
+def test_external_data_fused_file_reads_and_runs(tokenizer, tmp_path):
+    """Every initializer in the .data file (tied int4: the shared uint8 blocks too)."""
+    config, params = _params("mqa-tied-post")
+    path = export_onnx(params, config, tokenizer.path, str(tmp_path / "ext.onnx"),
+                       quantize="int4", accuracy_level=0, graph="fused",
+                       external_data_threshold=0)
+    model = onnx.load(path, load_external_data=False)
+    external = {t.name for t in model.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert {"model.embed_tokens.weight_Q4", "model.layers.1.self_attn.qkv_proj.MatMul.weight_Q4",
+            "model.layers.1.mlp.gate_up_proj.MatMul.weight_Q4"} <= external
+    weights, _ = load_model(path)
+    ids = _tokens((1, 6), 9)
+    logits, _ = _Runner(path, config)(ids)
+    assert np.abs(logits - Engine(weights).prefill(ids, all_logits=True)).max() < TOL
+
+
 def _greedy(run, prompt, n):
     """n greedy tokens per row after `prompt` rows (padded as the runner's graph needs)."""
     side = "right" if run.graph == "fused" else "left"
@@ -276,6 +293,10 @@ def test_graph_design_ops_and_interface():
         return ([(v.name, v.type.tensor_type.elem_type) for v in model.graph.input],
                 [(v.name, v.type.tensor_type.elem_type) for v in model.graph.output])
     assert interface(fused) == interface(plain)
+    # onnxruntime registers SimplifiedLayerNormalization in the ONNX domain (where the
+    # builder's models use it too); onnx's own checker knows no such op there
+    with pytest.raises(onnx.checker.ValidationError, match="SimplifiedLayerNormalization"):
+        onnx.checker.check_model(fused)
     quantized = build_fused_model(weights, quantize="int4", block_size=64, accuracy_level=4)
     nbits = [n for n in quantized.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 4 * config.n_layers + 1  # qkv, o, gate_up, down per layer (+ head)
@@ -306,8 +327,8 @@ CLI_OVERRIDES = {"train.steps": 2, "optimizer.total_steps": 2, "optimizer.warmup
 
 def test_cli_export_of_the_fused_graph_in_a_fresh_process(tmp_path):
     """A 2-step run, then `--config.mode=export --config.export.onnx_graph=fused` in a new
-    process: fused float32 and int4 files that onnxruntime runs, the numpy engine reads,
-    and the generate CLI serves."""
+    process: fused float32 and int4 (blocks of 64) files that onnxruntime runs, the numpy
+    engine reads, and the generate CLI serves."""
     from geb_jax.config_loader import apply_overrides, load_config
     from geb_jax.train.stages import run_stages
     spec = os.path.join(REPO_ROOT, "configs", "tiny.py:smoke")
@@ -316,7 +337,8 @@ def test_cli_export_of_the_fused_graph_in_a_fresh_process(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "geb_jax.main", "--config", spec, f"--config.workdir={tmp_path}",
          "--config.mode=export", "--config.export.formats=onnx",
-         "--config.export.onnx_quantize=none,int4", "--config.export.onnx_graph=fused"] + flags,
+         "--config.export.onnx_quantize=none,int4", "--config.export.onnx_graph=fused",
+         "--config.export.onnx_block_size=64"] + flags,
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     ids = np.array([[1, 17, 230, 99, 4, 350, 12, 77]])
@@ -325,8 +347,10 @@ def test_cli_export_of_the_fused_graph_in_a_fresh_process(tmp_path):
         weights, _ = load_model(path)
         run = _Runner(path, weights.config)
         assert run.graph == "fused"
-        ops = {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
-        assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+        nodes = onnx.load(path, load_external_data=False).graph.node
+        assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= \
+            {n.op_type for n in nodes}
+        assert all(a.i == 64 for n in nodes for a in n.attribute if a.name == "block_size")
         engine = Engine(weights).prefill(ids, all_logits=True)
         # int4 at the default accuracy_level 4 also rounds activations to int8 blocks
         tolerance = TOL if name == "model.onnx" else 0.1 * np.abs(engine).max()

@@ -69,6 +69,7 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
                 params, model_config, tokenizer_path, os.path.join(out, "onnx", name),
                 quantize=None if quantize == "none" else quantize,
                 accuracy_level=config.export.onnx_accuracy_level,
+                block_size=config.export.get("onnx_block_size", 32),
                 graph=config.export.get("onnx_graph", "plain"), overwrite=True)
     if "gguf" in formats:
         from geb_jax.export.gguf_export import export_gguf  # pylint: disable=import-outside-toplevel

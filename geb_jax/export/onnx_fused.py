@@ -40,6 +40,10 @@ graph does, and, unlike it, also quantize the embedding table (com.microsoft
 GatherBlockQuantized, same blocks along D) when D is a multiple of the block size; a tied
 model's head then is a MatMulNBits over the very same uint8 blocks (only the scales, and for
 int4 the zero points, are stored twice, in the two shapes the two kernels accept).
+
+SimplifiedLayerNormalization sits in the ONNX domain, where onnxruntime registers it (and where
+the builder's models use it), so onnx.checker.check_model rejects the file; onnxruntime is its
+checker (export_onnx verifies it against the numpy engine).
 """
 from __future__ import annotations
 
