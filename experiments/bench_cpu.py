@@ -608,7 +608,7 @@ def markdown_table(rows: list[dict]) -> str:
 def targets_section(rows: list[dict]) -> str:
     checks = check_targets(rows)
     if not checks:
-        return "Targets: no quantized row of ours has a peer row at the same bits in this run."
+        return "no quantized row of ours has a peer row at the same bits in this run."
     lines = ["| model | bits | our graph | target | ours | peer | ratio | goal | met |",
              "|---|---|---|---|---|---|---|---|---|"]
     for c in checks:
@@ -643,8 +643,13 @@ def profile_section(rows: list[dict], top: int = 8) -> str:
                 continue
             dec, pre = p["decode_ms_per_token"], p["prefill_ms"]
             dec_total, pre_total = sum(dec.values()), sum(pre.values())
-            out.append(f"  {name}: decode {dec_total:.2f} ms/token in kernels ({p['decode_runs']}"
-                       f" steps), prefill {pre_total:.0f} ms for {p['prefill_tokens']} tokens")
+            row = ours if name == key[2] else genai
+            out.append(f"  {name}: decode {1000 / row['decode_tok_s']:.2f} ms/token timed "
+                       f"(Python loop, {row['prompt_tokens']}-token prompt); profiled "
+                       f"({p['prefill_tokens']}-token prompt, {p['decode_runs']} steps): "
+                       f"{_fmt(p.get('decode_run_ms_per_token'), 2)} ms per model run, "
+                       f"{dec_total:.2f} ms in kernels; prefill {pre_total:.0f} ms in kernels "
+                       f"of {_fmt(p.get('prefill_run_ms'), 0)} ms")
             out.append("    decode ms/token: " + ", ".join(
                 f"{op} {ms:.3f} ({100 * ms / dec_total:.0f}%)"
                 for op, ms in list(dec.items())[:top]))

@@ -767,8 +767,9 @@ def perplexity(all_logits: Callable, windows: list[list[int]]) -> dict:
 def aggregate_profile(events: list[dict]) -> dict:
     """onnxruntime profile events (the JSON list its profiler writes) -> time per op type, the
     first model run (prefill) apart from the rest (decode steps): {"prefill_ms": {op: ms},
-    "decode_ms_per_token": {op: ms}, "decode_runs": n}. Node times come from the *_kernel_time
-    events (cat "Node"), assigned to the model_run whose interval holds them."""
+    "decode_ms_per_token": {op: ms}, "decode_runs": n, "decode_run_ms_per_token": whole
+    model_run, "prefill_run_ms"}. Node times come from the *_kernel_time events (cat "Node"),
+    assigned to the model_run whose interval holds them."""
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
     prefill: collections.Counter = collections.Counter()
@@ -784,7 +785,10 @@ def aggregate_profile(events: list[dict]) -> dict:
     n = max(len(runs) - 1, 0)
     return {"prefill_ms": dict(prefill.most_common()),
             "decode_ms_per_token": {op: ms / n for op, ms in decode.most_common()} if n else {},
-            "decode_runs": n, "prefill_tokens": None}
+            "decode_runs": n, "prefill_tokens": None,
+            # whole model_run per decode step: kernels + onnxruntime's own work between them
+            "decode_run_ms_per_token": sum(b - a for a, b in runs[1:]) / n / 1000 if n else None,
+            "prefill_run_ms": (runs[0][1] - runs[0][0]) / 1000 if runs else None}
 
 
 def _profile_events(path: str) -> list[dict]:

@@ -39,7 +39,8 @@ def plot(results: dict, out: str) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     if not models:
         raise SystemExit("no rows with status ok in the results file")
-    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(4.6 * len(models), 7.5), 4.6),
+                             squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = sorted((r for r in rows if r["model"] == model),
                       key=lambda r: (_rank(DTYPE_ORDER, r["dtype"]),
@@ -62,8 +63,8 @@ def plot(results: dict, out: str) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[e]) for e in engines]
     handles.append(plt.Line2D([], [], color="black", marker="_", linestyle="", markersize=14))
     fig.legend(handles, engines + ["read-bandwidth bound"], loc="upper center",
-               ncol=len(handles), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+               ncol=min(len(handles), 4 if len(models) == 1 else 7), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)

@@ -232,6 +232,8 @@ def test_profile_aggregation_by_op_type(script):
     assert p["prefill_ms"] == {"MatMulNBits": 60.0, "Mul": 2.0}
     assert p["decode_ms_per_token"] == {"MatMulNBits": 4.0, "Mul": 0.5, "Add": 0.25}
     assert list(p["decode_ms_per_token"]) == ["MatMulNBits", "Mul", "Add"]  # largest first
+    assert p["decode_run_ms_per_token"] == pytest.approx(0.05)  # model_run spans, in ms
+    assert p["prefill_run_ms"] == pytest.approx(0.1)
     assert engines.aggregate_profile([run(0, 10)])["decode_ms_per_token"] == {}
 
 
