@@ -2,13 +2,18 @@
 held-out perplexity of our ONNX graphs beside their peers, in one run; its report.
 
 Issue 15's run (2 threads, GEB-1.3B and TinyLlama-1.1B with random weights, the real
-SmolLM2-135M with its held-out perplexity; planned ~25 min on 2 cores, printed before it starts):
+SmolLM2-135M with its held-out perplexity; the plan, printed first, estimates ~30 min with
+pessimistic constants, and --budget-min 23 makes it end by ~25 min: steps that would start later
+are recorded as "not run", and the same command run again does only those):
 
-    python experiments/bench_cpu.py --models smollm2_135m,tinyllama_1_1b,geb_1_3b \\
-        --engines llama_cpp,ort_genai,onnxruntime_fused,onnxruntime,torch \\
-        --dtypes f32,int8,int4 --prompt 512 --decode 128 --threads 2 --repeats 2 \\
-        --out docs/benchmarks/bench_cpu.json --md docs/benchmarks/bench_cpu.md \\
-        --plot docs/benchmarks/cpu_decode.png
+    python experiments/bench_cpu.py --models smollm2_135m,geb_1_3b,tinyllama_1_1b \
+        --engines llama_cpp,onnxruntime_fused,ort_genai,onnxruntime,torch \
+        --dtypes f32,int8,int4 --prompt 512 --decode 128 --threads 2 --repeats 2 \
+        --budget-min 23 --out docs/benchmarks/bench_cpu_issue15.json \
+        --md docs/benchmarks/bench_cpu_issue15.md --plot docs/benchmarks/cpu_decode_issue15.png
+
+(f32 runs on SmolLM2 only by default, its perplexity reference: --f32-models all adds it to the
+1B shapes, where f32 decode is bandwidth-bound at ~4 tok/s and has no target.)
 
 `--plan-only` prints the plan (steps and their estimated seconds) and stops. The engines, their
 formats and the child processes are in experiments/bench_cpu_engines.py; this file is the
@@ -77,10 +82,12 @@ import bench_cpu_engines as E  # noqa: E402  pylint: disable=wrong-import-positi
 
 SCHEMA = "geb_jax.bench_cpu/2"
 ENGINES, DTYPES, ENGINE_FORMATS = E.ENGINES, E.DTYPES, E.ENGINE_FORMATS
-# Order of the steps within a model: the peers first, so that our rows know whether they missed
-# a target (and profile themselves) when they run.
-RUN_ORDER = ("llama_cpp", "ort_genai", "torch", "numpy", "onnxruntime_fused", "onnxruntime")
+# Order of the steps within a model (and see plan() for the order across models): what issue 15's
+# targets need first, so that --budget-min cuts the rest.
+RUN_ORDER = ("llama_cpp", "onnxruntime_fused", "ort_genai", "onnxruntime", "torch", "numpy")
+PRIMARY_ENGINES = ("llama_cpp", "ort_genai", "onnxruntime_fused")  # see plan()
 BOUND_MIN_LLC = 4  # a row counts toward the bound when it reads >= this many LLCs per token
+CHILD_TIMEOUT_S = 1200  # one step's child process (a 1B model's files: ~1-3 min)
 MEMORY_SLACK = 1.10  # peak resident memory target: <= llama.cpp's + 10%
 PREFILL_TARGET = 1.2
 PEER_NAMES = {"llama_cpp": "llama.cpp", "ort_genai": "onnxruntime-genai"}
@@ -241,7 +248,8 @@ def estimate_row_s(c, engine: str, dtype: str, args, ppl_tokens: int = 0) -> flo
     repeats = 1 if repeat > args.max_repeat_s else args.repeats
     load = 2 + (weights + table) * BYTES_PER_WEIGHT[dtype] / 1e9 * 1.0
     total = load + E.WARMUP_PROMPT / prefill + repeats * repeat + ppl_tokens / prefill
-    if dtype in ("int8", "int4") and engine in E.OURS + ("ort_genai",) and args.profile != "never":
+    if dtype in ("int8", "int4") and engine in E.OURS + ("ort_genai",) and \
+            args.profile == "quantized":
         total += load + E.PROFILE_PROMPT / prefill + E.PROFILE_DECODE * token_s
     return total + 1.0  # the bandwidth probe before the row
 
@@ -263,33 +271,40 @@ def model_dtypes(model: str, args) -> list[str]:
 
 def plan(args, data: dict) -> list[dict]:
     """The steps still to run, in order: per model its folder, then per engine (RUN_ORDER) its
-    files and one timed row per dtype. Rows already in --out with status ok are not rerun."""
+    files and one timed row per dtype. Rows already in --out with status ok are not rerun.
+
+    Priority, so that --budget-min cuts the least needed rows: the real models first, then
+    the random-weight models' PRIMARY_ENGINES (the peers and our fused graph), then their other
+    engines (our plain graph, torch, numpy), whose model folders are kept until then."""
     done = {row_key(r) for r in data["rows"] if r.get("status") == "ok"}
-    steps = []
+    first, later = [], []
     for model in args.models:
         shape = model_shape(model, args.prompt, args.decode)
         ppl_tokens = args.ppl_docs * args.ppl_windows_per_doc * args.ppl_window \
             if model in E.REAL_MODELS or model in args.ppl_models else 0
-        model_steps = []
+        model_steps, deferred = [], []
         for engine in sorted(args.engines, key=RUN_ORDER.index):
             dtypes = [d for d in model_dtypes(model, args) if d in ENGINE_FORMATS[engine] and
                       (model, d, engine, args.prompt, args.decode, args.threads) not in done]
             if not dtypes:
                 continue
+            steps = deferred if model not in E.REAL_MODELS and \
+                engine not in PRIMARY_ENGINES else model_steps
             if engine not in ("numpy", "torch"):
-                model_steps.append({"kind": "prepare", "model": model, "engine": engine,
-                                    "dtypes": dtypes,
-                                    "estimate_s": estimate_prepare_s(shape, engine, dtypes)})
+                steps.append({"kind": "prepare", "model": model, "engine": engine,
+                              "dtypes": dtypes,
+                              "estimate_s": estimate_prepare_s(shape, engine, dtypes)})
             for dtype in dtypes:
-                model_steps.append({"kind": "time", "model": model, "engine": engine,
-                                    "dtype": dtype, "estimate_s": estimate_row_s(
-                                        shape, engine, dtype, args, ppl_tokens)})
-        if model_steps:
+                steps.append({"kind": "time", "model": model, "engine": engine, "dtype": dtype,
+                              "estimate_s": estimate_row_s(shape, engine, dtype, args,
+                                                           ppl_tokens)})
+        if model_steps or deferred:
             weights, table = weight_counts(shape)
             hf_s = 15 + (weights + table) * 4 / 1e9 * 3
-            steps.append({"kind": "hf", "model": model, "estimate_s": hf_s})
-            steps += model_steps
-    return steps
+            first.append({"kind": "hf", "model": model, "estimate_s": hf_s})
+            first += model_steps
+            later += deferred
+    return first + later
 
 
 def print_plan(steps: list[dict], args) -> float:
@@ -297,13 +312,22 @@ def print_plan(steps: list[dict], args) -> float:
     total = fixed + sum(s["estimate_s"] for s in steps)
     rows = sum(s["kind"] == "time" for s in steps)
     print(f"plan: {rows} row(s) in {len(steps)} step(s), estimated {total / 60:.1f} min "
-          f"(planning constants of bench_cpu.py; the real step times go to --out)"
-          + (f"; --budget-min {args.budget_min:g}" if args.budget_min else ""))
+          f"(planning constants of bench_cpu.py, from smoke runs and earlier full runs on a "
+          f"2-core machine; each step's real time goes to --out as runs[].steps[].took_s)"
+          + (f"; --budget-min {args.budget_min:g}: no step starts after that" if
+             args.budget_min else ""))
+    elapsed, marked = fixed / 2, False
     for s in steps:
+        if args.budget_min and not marked and elapsed > 60 * args.budget_min:
+            print(f"  --- estimated to start after --budget-min {args.budget_min:g}: "
+                  f"'not run' unless the run is faster than planned ---")
+            marked = True
         what = {"hf": "model folder", "prepare": f"{s.get('engine')} files "
                                                  f"{','.join(s.get('dtypes', []))}",
                 "time": f"{s.get('engine')} {s.get('dtype')}"}[s["kind"]]
-        print(f"  {s['model']:<16} {s['kind']:<8} {what:<44} ~{s['estimate_s']:6.0f} s")
+        elapsed += s["estimate_s"]
+        print(f"  {s['model']:<16} {s['kind']:<8} {what:<44} ~{s['estimate_s']:5.0f} s  "
+              f"(at ~{elapsed / 60:4.1f} min)")
     print(flush=True)
     return total
 
@@ -362,19 +386,26 @@ def run_stage(stage: str, spec: dict, workdir: str, threads: int,
     spec = dict(spec, result=spec_file + ".result")
     with os.fdopen(fd, "w") as f:
         json.dump(spec, f)
-    proc = subprocess.run([sys.executable, os.path.abspath(E.__file__), stage, spec_file],
-                          env=E.child_env(threads, extra_path), check=False)
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(E.__file__), stage, spec_file],
+                              env=E.child_env(threads, extra_path), check=False,
+                              timeout=CHILD_TIMEOUT_S)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = 124
     result = None
-    if proc.returncode == 0 and os.path.exists(spec["result"]):
+    if code == 0 and os.path.exists(spec["result"]):
         with open(spec["result"]) as f:
             result = json.load(f)
     for name in (spec_file, spec["result"]):
         if os.path.exists(name):
             os.remove(name)
-    return result, proc.returncode
+    return result, code
 
 
 def _exit_text(code: int) -> str:
+    if code == 124:
+        return f"timed out after {CHILD_TIMEOUT_S} s"
     return f"signal {-code}" if code < 0 else f"exit status {code}"
 
 
@@ -479,13 +510,8 @@ class Run:
         if "error" in file:
             self.emit(model, engine, dtype, {"status": f"error: {file['error']}"})
             return
-        peers = {r["engine"]: r for r in self.data["rows"]
-                 if r.get("run") == self.run_index and r["model"] == model and
-                 r["dtype"] == dtype and r.get("status") == "ok"}
         spec = dict(self.spec(model), engine=engine, dtype=dtype, path=file["path"],
-                    config=facts["config"], windows=facts.get("windows"),
-                    peers={k: {"decode_tok_s": v["decode_tok_s"],
-                               "prefill_tok_s": v["prefill_tok_s"]} for k, v in peers.items()})
+                    config=facts["config"], windows=facts.get("windows"))
         builds = self.llama_builds if engine == "llama_cpp" else [{"path": None}]
         notes = []
         for build in builds:
@@ -733,10 +759,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=_list_arg(models, "--models: preset(s)"),
-                   default="smollm2_135m,tinyllama_1_1b,geb_1_3b")
+                   default="smollm2_135m,geb_1_3b,tinyllama_1_1b")
     p.add_argument("--dtypes", type=_list_arg(DTYPES, "--dtypes:"), default="f32,int8,int4")
     p.add_argument("--engines", type=_list_arg(ENGINES, "--engines:"),
-                   default="llama_cpp,ort_genai,onnxruntime_fused,onnxruntime,torch")
+                   default="llama_cpp,onnxruntime_fused,ort_genai,onnxruntime,torch")
     p.add_argument("--f32-models", type=lambda t: [s.strip() for s in t.split(",") if s.strip()],
                    default=sorted(E.REAL_MODELS),
                    help="models that also run f32 ('all' for every model); default the real "
@@ -758,9 +784,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=sorted(E.REAL_MODELS),
                    help="models scored on held-out text (the real ones always are; a random-"
                         "weight model only exercises the code)")
-    p.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
-                   help="onnxruntime profiles of quantized rows: auto = onnxruntime-genai's and "
-                        "ours where a target is missed")
+    p.add_argument("--profile", choices=("quantized", "never"), default="quantized",
+                   help="onnxruntime profiles (a second, short pass) of the quantized rows of "
+                        "our graphs and onnxruntime-genai's; the report shows those of rows "
+                        "that miss a target")
     p.add_argument("--budget-min", type=float, default=None,
                    help="start no new step after this many minutes (rows left: 'not run')")
     p.add_argument("--out", default=None, help="JSON results; rows already there are skipped")
@@ -793,9 +820,10 @@ def _versions(engines) -> dict:
     import glob
     from importlib.metadata import PackageNotFoundError, version
     out = {"numpy": np.__version__}
+    dists = {"llama_cpp": "llama-cpp-python"}
     for package in sorted({p for e in engines for p in E.ENGINE_PACKAGES[e]}):
         try:
-            out[package] = version(package.replace("_", "-"))
+            out[package] = version(dists.get(package, package.replace("_", "-")))
         except PackageNotFoundError:
             hits = glob.glob(os.path.join(E.PEER_PYTHON, package + "-*.dist-info"))
             if hits:
