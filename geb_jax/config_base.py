@@ -90,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
         formats="numpy,onnx,gguf,hf",
         onnx_quantize="none,int8,int4",  # one .onnx file each
         onnx_accuracy_level=4,  # quantized MatMul compute: 4 = int8 activations, 0 = float32
+        onnx_block_size=32,  # MatMulNBits (and quantized embedding) rows per block
+        # plain: standard ONNX ops, any padding side; fused: onnxruntime's GroupQueryAttention
+        # + SkipSimplifiedLayerNormalization, packed QKV and gate/up, quantized embedding,
+        # batches padded on the right (geb_jax/export/onnx_fused.py)
+        onnx_graph="plain",
         gguf_dtypes="f16,q8_0",  # f32 | f16 | q8_0 | q4_0
         out=""))  # "" = <workdir>/export
 

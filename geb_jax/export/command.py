@@ -2,7 +2,8 @@
 checkpoint of one stage, each written atomically and re-read/checked by its writer.
 
     <workdir>/export/numpy/            weights.npz + config.json + tokenizer.model (numpy engine)
-    <workdir>/export/onnx/model.onnx   (+ model-int8.onnx, model-int4.onnx, tokenizer.model)
+    <workdir>/export/onnx/model.onnx   (+ model-int8.onnx, model-int4.onnx, tokenizer.model;
+                                       export.onnx_graph: plain or fused, onnx_fused.py)
     <workdir>/export/gguf/model-f16.gguf, model-q8_0.gguf   (llama.cpp, ollama; also q4_0)
     <workdir>/export/hf/               config.json + model.safetensors + tokenizer.model
     <workdir>/export/peft/             LoRA runs only: adapter_config.json +
@@ -67,7 +68,9 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
             written[f"onnx/{quantize}"] = export_onnx(
                 params, model_config, tokenizer_path, os.path.join(out, "onnx", name),
                 quantize=None if quantize == "none" else quantize,
-                accuracy_level=config.export.onnx_accuracy_level, overwrite=True)
+                accuracy_level=config.export.onnx_accuracy_level,
+                block_size=config.export.get("onnx_block_size", 32),
+                graph=config.export.get("onnx_graph", "plain"), overwrite=True)
     if "gguf" in formats:
         from geb_jax.export.gguf_export import export_gguf  # pylint: disable=import-outside-toplevel
         for dtype in _split(config.export.gguf_dtypes):

@@ -127,7 +127,7 @@ class _Graph:
     def weight(self, name: str, array: np.ndarray) -> str:
         if self._writer is not None:
             self.initializers.append(self._writer.tensor(name, array))
-        else:  # looked up at call time: experiments/bench_cpu.py patches numpy_helper
+        else:  # inline: the graph is small enough for one protobuf
             self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
@@ -418,7 +418,7 @@ def _config_dict(model_config: Any) -> dict:
 
 def _set_metadata(model: onnx.ModelProto, config: dict, tokenizer_bytes: bytes,
                   quantize: str | None, block_size: int, accuracy_level: int,
-                  chat_template: str | None = None) -> None:
+                  chat_template: str | None = None, graph: str = "plain") -> None:
     """geb_jax's metadata; the chat template is the model's own, or ours (trained here)."""
     values = {
         fmt.META_PRODUCER: fmt.PRODUCER,
@@ -434,22 +434,39 @@ def _set_metadata(model: onnx.ModelProto, config: dict, tokenizer_bytes: bytes,
         fmt.META_BLOCK_SIZE: str(block_size),
         fmt.META_ACCURACY_LEVEL: str(accuracy_level),
     }
+    if graph != "plain":  # a plain file stays byte-for-byte what it was
+        values[fmt.META_GRAPH] = graph
     helper.set_model_props(model, values)
 
 
 # ---- running and checking ----------------------------------------------------------------
 
 def ort_feed(config: InferConfig, input_ids, attention_mask=None, position_ids=None,
-             past: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+             past: Mapping[str, np.ndarray] | None = None,
+             graph: str = "plain") -> dict[str, np.ndarray]:
     """onnxruntime inputs for new tokens (B, T). attention_mask (B, P+T) defaults to ones;
     position_ids default to cumsum(mask) - 1 over the new slots (padding gets 0); past is a
-    previous run's present.* outputs by name (empty when None)."""
+    previous run's present.* outputs by name (empty when None).
+
+    Both graphs take the same inputs. graph="fused" (see `ort_graph`) checks what the fused
+    graph's GroupQueryAttention needs: the new tokens' mask columns of each row are ones then
+    zeros (a batch is padded on the RIGHT; the plain graph takes either side), and it ignores
+    position_ids (each token's position is its cache slot, which these defaults equal)."""
     ids = np.asarray(input_ids, np.int64)
     b, t = ids.shape
     past = dict(past or {})
     p = past["present.0.key"].shape[2] if past else 0
     mask = np.ones((b, p + t), np.int64) if attention_mask is None else np.asarray(
         attention_mask, np.int64)
+    if graph not in fmt.GRAPHS:
+        raise OnnxExportError(f"graph={graph!r} is not one of {fmt.GRAPHS}")
+    if graph == "fused" and attention_mask is not None:
+        new = mask[:, p:] != 0
+        if (new[:, 1:] > new[:, :-1]).any() or not mask.sum(axis=1).all():
+            raise OnnxExportError(
+                "the fused ONNX graph (GroupQueryAttention) needs each row's new tokens padded "
+                "on the right (mask ones, then zeros) and at least one token per row; this "
+                "attention_mask pads on the left. Pad on the right, or use the plain graph.")
     if position_ids is None:
         position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, p:]
     feed = {"input_ids": ids, "attention_mask": mask,
@@ -467,6 +484,12 @@ def ort_session(path: str):
     return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
+def ort_graph(session) -> str:
+    """"plain" or "fused": which decoder graph an onnxruntime session runs (its metadata), for
+    ort_feed's `graph`."""
+    return session.get_modelmeta().custom_metadata_map.get(fmt.META_GRAPH, "plain")
+
+
 def _verify(path: str, tokenizer) -> float:
     """Last-token logits of a fixed prompt: onnxruntime on the file vs the numpy engine on
     the weights read back from it. Returns the max abs difference; raises past tolerance.
@@ -474,7 +497,8 @@ def _verify(path: str, tokenizer) -> float:
     With int8 activations (MatMulNBits accuracy_level > 0) the file is checked twice: a twin
     at accuracy_level 0 (same weights, float32 compute) must match to summation noise, which
     proves the graph and the packing; the file itself within the int8-activation tolerance."""
-    c = fmt.read_onnx_info(path).config
+    info = fmt.read_onnx_info(path)
+    c = info.config
     ids = tokenizer.encode(VERIFY_TEXT, add_bos=True)[:c.max_seq_len]
     weights, _ = fmt.read_onnx_weights(path)
     expected = Engine(weights, max_len=len(ids)).prefill([ids])[0]
@@ -488,7 +512,8 @@ def _verify(path: str, tokenizer) -> float:
         for checked, tolerance in checks:
             session = ort_session(checked)
             names = [o.name for o in session.get_outputs()]
-            got = dict(zip(names, session.run(None, ort_feed(c, [ids]))))["logits"][0, -1]
+            got = dict(zip(names, session.run(None, ort_feed(c, [ids], graph=info.graph))))[
+                "logits"][0, -1]
             del session
             diff = float(np.abs(got - expected).max())
             if not diff <= tolerance * scale:
@@ -585,21 +610,29 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
                 quantize: str | None = None, block_size: int = 32,
                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = DEFAULT_OPSET,
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-                overwrite: bool = False, verify: bool = True) -> str:
+                overwrite: bool = False, verify: bool = True, graph: str = "plain",
+                quantize_embedding: bool = True) -> str:
     """Write `out_path` (.onnx), plus `out_path`.data when the weights exceed
     external_data_threshold bytes, and tokenizer.model beside it. Returns out_path.
 
     params: the model's parameter tree (numpy or jax arrays); model_config: ModelConfig,
     ConfigDict or dict; quantize: None, "int8" or "int4" (every linear, the untied head too,
     as MatMulNBits with `block_size` rows per block; the embedding and a tied head stay
-    float32); accuracy_level: MatMulNBits' compute type (4: int8 activations, 0: float32).
-    Files are written to a temporary folder, checked with onnxruntime against the numpy
-    engine (verify=True), then renamed into place, the .onnx last.
+    float32 in the plain graph); accuracy_level: MatMulNBits' compute type (4: int8
+    activations, 0: float32). graph: "plain" (this module's standard-op graph) or "fused"
+    (geb_jax/export/onnx_fused.py: onnxruntime's GroupQueryAttention and
+    SkipSimplifiedLayerNormalization, packed QKV and gate/up; batches padded on the right),
+    whose quantized form also quantizes the embedding table (and a tied head) unless
+    quantize_embedding=False. Files are written to a temporary folder, checked with
+    onnxruntime against the numpy engine (verify=True), then renamed into place, the .onnx
+    last.
     """
     out_path = os.path.abspath(os.fspath(out_path))
     if not out_path.endswith(".onnx"):
         raise OnnxExportError(f"out_path {out_path} must end with .onnx")
     _check_quantize(quantize, block_size, accuracy_level)
+    if graph not in fmt.GRAPHS:
+        raise OnnxExportError(f"graph={graph!r} is not one of {', '.join(fmt.GRAPHS)}")
     config = _config_dict(model_config)
     tensors = _ParamTreeTensors(params, config)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -617,9 +650,14 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
         tmp_model, tmp_data = os.path.join(tmp, name), os.path.join(tmp, data_name)
         # Weights go straight to the .data file; only a model under the threshold (which
         # protobuf can hold) is read back to be saved as one self-contained .onnx.
-        model = build_onnx_model(tensors, quantize=quantize, block_size=block_size,
-                                 accuracy_level=accuracy_level, opset=opset,
-                                 stream_to=tmp_data)
+        build = dict(quantize=quantize, block_size=block_size, accuracy_level=accuracy_level,
+                     opset=opset, stream_to=tmp_data)
+        if graph == "fused":
+            from geb_jax.export.onnx_fused import (  # pylint: disable=import-outside-toplevel
+                build_fused_model)
+            model = build_fused_model(tensors, quantize_embedding=quantize_embedding, **build)
+        else:
+            model = build_onnx_model(tensors, **build)
         del tensors
         external = _initializer_bytes(model) > external_data_threshold
         if not external:
@@ -627,7 +665,7 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
             os.remove(tmp_data)
         _set_metadata(model, config, tokenizer_bytes, quantize, block_size,
                       accuracy_level if quantize not in (None, "none", "float32") else 0,
-                      getattr(tokenizer, "chat_template", None))
+                      getattr(tokenizer, "chat_template", None), graph)
         onnx.save_model(model, tmp_model)
         del model
         unbundle(tokenizer_bytes, os.path.join(tmp, tokenizer_name))

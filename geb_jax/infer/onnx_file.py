@@ -14,6 +14,12 @@ Format, as written by `export_onnx`:
 * quantized linears are com.microsoft MatMulNBits nodes whose B input is
   ``<linear>.MatMul.weight_Q4`` / ``_Q8`` (uint8 (out, blocks, bytes per block)), with
   ``_scales`` (out, blocks) and, for int4, packed uint8 ``_zero_points``.
+* ``geb_jax.onnx_graph`` = "fused" (geb_jax/export/onnx_fused.py; absent or "plain" otherwise):
+  q/k/v are one ``model.layers.{i}.self_attn.qkv_proj`` linear (q columns, then k, then v) and
+  gate/up one ``mlp.gate_up_proj`` (gate, then up), each read once and split back here; a
+  quantized file may hold the embedding as a com.microsoft GatherBlockQuantized node on
+  ``input_ids`` (uint8 ``model.embed_tokens.weight_Q4`` / ``_Q8`` blocks along D), dequantized
+  here like the MatMulNBits weights.
 
 MatMulNBits weights are dequantized to float32 on load: their layout does not map onto
 geb_jax.infer.quantize (int8 here has one scale per 32-row block, Int8Matrix one per column;
@@ -50,6 +56,8 @@ META_CHAT_DESCRIPTION = "geb_jax.chat_template_description"
 META_QUANTIZATION = "geb_jax.quantization"  # "none", "int8" or "int4"
 META_BLOCK_SIZE = "geb_jax.block_size"
 META_ACCURACY_LEVEL = "geb_jax.accuracy_level"  # MatMulNBits compute: "0" float32, "4" int8
+META_GRAPH = "geb_jax.onnx_graph"  # "plain" (absent in older files) or "fused"
+GRAPHS = ("plain", "fused")
 MATMUL_SUFFIX = ".MatMul.weight"  # float (in, out); MatMulNBits adds _Q4 / _Q8, _scales, ...
 TOKENIZER_FILE = "tokenizer.model"  # written beside the .onnx by the exporter (ours)
 TOKENIZER_FOLDER = "tokenizer"  # or a published model's tokenizer.json + tokenizer_config.json
@@ -65,6 +73,13 @@ def linear_names(n_layers: int, tie_embeddings: bool) -> list[str]:
     return names if tie_embeddings else names + ["lm_head"]
 
 
+# The fused graph's packed linears: a part -> (the packed linear, index of the part).
+PACKED_PARTS = {"self_attn.q_proj": ("self_attn.qkv_proj", 0),
+                "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+                "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+                "mlp.gate_proj": ("mlp.gate_up_proj", 0), "mlp.up_proj": ("mlp.gate_up_proj", 1)}
+
+
 @dataclasses.dataclass
 class OnnxModelInfo:
     """What the metadata of an export says (no weights)."""
@@ -75,6 +90,7 @@ class OnnxModelInfo:
     quantization: str | None  # None, "int8" or "int4"
     chat_template: str
     metadata: dict
+    graph: str = "plain"  # "plain" or "fused" (geb_jax/export/onnx_fused.py)
 
 
 def dequantize_matmul_nbits(packed: np.ndarray, scales: np.ndarray,
@@ -138,9 +154,13 @@ def _info(path: str, model) -> OnnxModelInfo:
     if hashlib.sha256(tokenizer).hexdigest() != meta.get(META_TOKENIZER_SHA256):
         raise ModelFileError(f"{path}: the embedded tokenizer does not match its sha256")
     quantization = meta.get(META_QUANTIZATION, "none")
+    graph = meta.get(META_GRAPH, "plain")
+    if graph not in GRAPHS:
+        raise ModelFileError(f"{path}: unknown {META_GRAPH} {graph!r} (this version reads "
+                             f"{', '.join(GRAPHS)}); update geb_jax or re-export the model.")
     return OnnxModelInfo(path, config, config_dict, tokenizer,
                          None if quantization == "none" else quantization,
-                         meta.get(META_CHAT_TEMPLATE, ""), meta)
+                         meta.get(META_CHAT_TEMPLATE, ""), meta, graph)
 
 
 def read_onnx_info(path: str) -> OnnxModelInfo:
@@ -164,14 +184,16 @@ def read_onnx_weights(path: str) -> tuple[Weights, OnnxModelInfo]:
         nbits = {node.input[1]: node for node in model.graph.node
                  if node.op_type == "MatMulNBits"}
         c = info.config
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        names = ["model.norm.weight"]
         names += [f"model.layers.{i}.{norm}.weight" for i in range(c.n_layers)
                   for norm in ("input_layernorm", "post_attention_layernorm")]
         tensors = _LazyTensors({name: functools.partial(initializers.array, name)
                                 for name in names})
+        tensors.readers["model.embed_tokens.weight"] = functools.partial(
+            _embedding, initializers, model.graph.node)
+        packed = _PackedReader(initializers, nbits, c)
         for linear in linear_names(c.n_layers, c.tie_embeddings):
-            tensors.readers[linear + ".weight"] = functools.partial(
-                _linear_weight, linear, initializers, nbits)
+            tensors.readers[linear + ".weight"] = functools.partial(packed.weight, linear)
         weights = Weights.from_named_tensors(tensors, c)
     except (WeightsError, ValueError, OSError) as e:  # OSError: external data file missing
         raise ModelFileError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
@@ -249,6 +271,96 @@ def _read_external(tensor, folder: str) -> np.ndarray:
     if flat.size != count:  # the file shrank since getsize
         raise ValueError(f"{file} ended inside initializer {tensor.name!r}")
     return flat.astype(dtype.newbyteorder("="), copy=False).reshape(tensor.dims)
+
+
+class _PackedReader:
+    """Linear weights by name, a fused file's q/k/v and gate/up cut from their packed linear;
+    the last packed matrix is kept, so q, k and v (read in turn) cost one read."""
+
+    def __init__(self, initializers: _Initializers, nbits, config: InferConfig):
+        self.initializers, self.nbits = initializers, nbits
+        c = config
+        nh, kh = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        self.splits = {"self_attn.qkv_proj": (0, nh, nh + kh, nh + 2 * kh),
+                       "mlp.gate_up_proj": (0, c.d_ff, 2 * c.d_ff)}
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def _stored(self, linear: str) -> bool:
+        name = linear + MATMUL_SUFFIX
+        return name in self.initializers or any(f"{name}_Q{bits}" in self.nbits
+                                                for bits in (4, 8))
+
+    def weight(self, linear: str) -> np.ndarray:
+        """The torch (out, in) float32 matrix of `linear` (a view into a packed one)."""
+        prefix, _, part = linear.rpartition(".layers.")
+        layer, _, name = part.partition(".")
+        if name not in PACKED_PARTS or self._stored(linear):
+            return _linear_weight(linear, self.initializers, self.nbits)
+        packed_name, index = PACKED_PARTS[name]
+        packed = f"{prefix}.layers.{layer}.{packed_name}"
+        if self._last is None or self._last[0] != packed:
+            self._last = None  # drop the previous one before reading the next
+            self._last = (packed, _linear_weight(packed, self.initializers, self.nbits))
+        bounds = self.splits[packed_name]
+        matrix = self._last[1]
+        if matrix.shape[0] != bounds[-1]:
+            raise WeightsError(f"packed linear {packed!r} has {matrix.shape[0]} outputs, "
+                               f"expected {bounds[-1]} from the config")
+        return matrix[bounds[index]:bounds[index + 1]]
+
+
+def _embedding(initializers: _Initializers, nodes) -> np.ndarray:
+    """The (V, D) float32 table: the float initializer, or a fused file's
+    GatherBlockQuantized on input_ids, dequantized."""
+    name = "model.embed_tokens.weight"
+    if name in initializers:
+        return initializers.array(name)
+    for node in nodes:
+        if node.op_type == "GatherBlockQuantized" and node.input[1] == "input_ids":
+            attrs = {a.name: a.i for a in node.attribute}
+            zero = node.input[3] if len(node.input) > 3 and node.input[3] else None
+            return dequantize_gather_block_quantized(
+                initializers.array(node.input[0]), initializers.array(node.input[2]),
+                None if zero is None else initializers.array(zero), attrs.get("bits", 4),
+                attrs.get("block_size", 128), attrs.get("gather_axis", 0),
+                attrs.get("quantize_axis", 1))
+    raise WeightsError(f"initializer {name!r} is missing (and no GatherBlockQuantized reads "
+                       f"input_ids)")
+
+
+def dequantize_gather_block_quantized(data: np.ndarray, scales: np.ndarray,
+                                      zero_points: np.ndarray | None, bits: int,
+                                      block_size: int, gather_axis: int = 0,
+                                      quantize_axis: int = -1) -> np.ndarray:
+    """com.microsoft GatherBlockQuantized's uint8 `data` (V, ...) quantized along its last axis
+    as the float32 table (V, rest): (code - zero_point) * scale per block of block_size codes.
+    Codes of bits < 8 are packed low bits first along the last axis, zero points too (one
+    logical element per scale); the zero point defaults to 2^(bits - 1)."""
+    data = np.asarray(data, np.uint8)
+    if bits not in (4, 8) or gather_axis != 0 or quantize_axis not in (-1, data.ndim - 1):
+        raise WeightsError(f"GatherBlockQuantized with bits={bits}, gather_axis={gather_axis}, "
+                           f"quantize_axis={quantize_axis} on rank {data.ndim} data is not a "
+                           f"layout geb_jax writes (bits 4 or 8, gather 0, quantize last)")
+
+    def unpack(a: np.ndarray) -> np.ndarray:  # (..., n) bytes -> (..., n * 8 / bits) codes
+        return a if bits == 8 else np.stack([a & 15, a >> 4], axis=-1).reshape(
+            *a.shape[:-1], -1)
+
+    v = data.shape[0]
+    codes = unpack(data).reshape(v, -1).astype(np.float32)  # (V, D) along the quantized axis
+    scales = np.asarray(scales, np.float32)
+    if scales.shape[-1] * block_size != unpack(data).shape[-1] or \
+            scales.shape[:-1] != data.shape[:-1]:
+        raise WeightsError(f"GatherBlockQuantized scales {scales.shape} do not fit data "
+                           f"{data.shape} in blocks of {block_size}")
+    if zero_points is None:
+        zero = np.full(scales.shape, 2 ** (bits - 1), np.float32)
+    else:
+        zero = unpack(np.asarray(zero_points, np.uint8))[..., :scales.shape[-1]]
+        zero = zero.astype(np.float32)
+    table = (codes.reshape(v, -1, block_size) - zero.reshape(v, -1, 1)) * \
+        scales.reshape(v, -1, 1)
+    return np.ascontiguousarray(table.reshape(v, -1))
 
 
 def _linear_weight(linear: str, initializers: _Initializers, nbits) -> np.ndarray:

@@ -1,0 +1,259 @@
+"""The "fused" decoder graph: the same model as onnx_export's plain graph, composed of
+onnxruntime's CPU contrib kernels the way onnxruntime-genai's model builder composes a Llama
+(src/python/py/models/builders/base.py: make_layer, make_attention_mask_reformatting_for_gqa).
+
+Per layer (pre-norm):
+  SimplifiedLayerNormalization (layer 0) or com.microsoft SkipSimplifiedLayerNormalization
+      (the previous layer's MLP output + the residual; its 4th output is the new residual)
+  one packed QKV MatMul (D, (N + 2K) H)                     MatMulNBits when quantized
+  com.microsoft GroupQueryAttention: packed QKV in, rotary inside (do_rotary=1, half-split
+      rotate like ours: rotary_interleaved=0, cos_cache / sin_cache (max_seq_len, H/2)),
+      past / present KV in BNSH (B, K, S, H), scale 1/sqrt(H)
+  o MatMul
+  SkipSimplifiedLayerNormalization (attention output + residual -> mlp input, new residual)
+  one packed gate/up MatMul (D, 2F), Split, Sigmoid, Mul, Mul (silu(gate) * up), down MatMul
+and after the last layer one SkipSimplifiedLayerNormalization (the final norm). A post-norm
+model (norm(x + f(x))) is the same chain with each SkipSimplifiedLayerNormalization's first
+output as the new residual and a SimplifiedLayerNormalization for the final norm.
+
+GroupQueryAttention takes the mask as the builder derives it: seqlens_k = ReduceSum(mask) - 1
+(int32, per row) and total_sequence_length = Shape(mask)[1] (int32 scalar); and, beyond the
+builder, query_seqlens = the sum of the mask's last T columns (each row's count of new tokens),
+without which the kernel refuses more than one new token per row with a past unless the batch
+is 1. That is the kernel's convention: row b's cache holds its tokens at slots
+0 .. seqlens_k[b], so a batch must be padded on the RIGHT (onnxruntime-genai pads batches on the
+right too); a prompt padded on the left gets wrong logits in its shorter rows, and
+geb_jax.export.onnx_export.ort_feed(graph="fused") refuses one. Each later step's mask is the
+previous one with the new tokens' ones appended (as for the plain graph); only row sums count.
+Positions come from the cache slots too (P_b + t, which is what ort_feed's default
+position_ids are for such a batch): the position_ids input is kept, so that one feed drives
+either graph, but the fused graph does not read it.
+
+Inputs and outputs otherwise keep the plain graph's names, dtypes and layouts (input_ids,
+attention_mask, position_ids [B, T] int64, past_key_values.{i}.key / .value and
+present.{i}.key / .value [B, K, S, H], which is GroupQueryAttention's BNSH, logits
+[B, T, V]); the metadata geb_jax.onnx_graph = "fused" tells the two apart
+(onnx_export.ort_graph(session), onnx_file.read_onnx_info(path).graph).
+
+Quantized (int8 / int4) exports use MatMulNBits for every linear and the head, as the plain
+graph does, and, unlike it, also quantize the embedding table (com.microsoft
+GatherBlockQuantized, same blocks along D) when D is a multiple of the block size; a tied
+model's head then is a MatMulNBits over the very same uint8 blocks (only the scales, and for
+int4 the zero points, are stored twice, in the two shapes the two kernels accept).
+
+SimplifiedLayerNormalization sits in the ONNX domain, where onnxruntime registers it (and where
+the builder's models use it), so onnx.checker.check_model rejects the file; onnxruntime is its
+checker (export_onnx verifies it against the numpy engine).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from geb_jax.export.onnx_export import (DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, SUPPORTED_OPSETS,
+                                        OnnxExportError, _check_quantize, _ExternalDataWriter,
+                                        _Graph, _linear, _make_model, _Quant, _quantize_nbits)
+from geb_jax.infer.engine import rope_tables
+from geb_jax.infer.weights import Weights
+
+MS = "com.microsoft"
+
+
+def build_fused_model(weights: Weights, *, quantize: str | None = None, block_size: int = 32,
+                      accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = DEFAULT_OPSET,
+                      stream_to: str | None = None,
+                      quantize_embedding: bool = True) -> onnx.ModelProto:
+    """The fused decoder graph of float32 `weights` (no metadata); see the module docstring.
+
+    Arguments as onnx_export.build_onnx_model's. quantize_embedding (quantized exports only):
+    the embedding table (and a tied head, which shares it) as GatherBlockQuantized /
+    MatMulNBits blocks; False keeps both float32, as the plain graph does."""
+    bits = _check_quantize(quantize, block_size, accuracy_level)
+    if opset not in SUPPORTED_OPSETS:
+        raise OnnxExportError(f"opset={opset} is not supported; choose one of "
+                              f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}.")
+    quant = _Quant(bits, block_size, accuracy_level)
+    writer = None if stream_to is None else _ExternalDataWriter(stream_to)
+    try:
+        model = _build(weights, quant, _Graph(opset, writer), quantize_embedding)
+    finally:
+        if writer is not None:
+            writer.close()
+    model.doc_string = ("geb_jax Llama-family decoder with KV cache (prefill and decode), fused: "
+                        "GroupQueryAttention, SkipSimplifiedLayerNormalization; batches padded "
+                        "on the right")
+    return model
+
+
+def _build(weights: Weights, quant: _Quant, g: _Graph, quantize_embedding: bool):
+    c = weights.config
+    named = weights.to_named_tensors()  # HF names, torch [out, in] layouts
+    table = named["model.embed_tokens.weight"]  # (V, D)
+    quantized_table = (quant.bits is not None and quantize_embedding
+                       and c.d_model % quant.block_size == 0)
+    if quantized_table:
+        x, head_blocks = _quantized_embedding(g, table, quant, c.tie_embeddings)
+    else:
+        x = g.op("Gather", [g.weight("model.embed_tokens.weight", table), "input_ids"],
+                 "/model/embed_tokens", axis=0)  # (B, T, D)
+        head_blocks = None
+    cos_table, sin_table = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)  # (max, H/2)
+    rope = (g.weight("rope.cos_cache", cos_table), g.weight("rope.sin_cache", sin_table))
+    lengths = _gqa_lengths(g)
+    eps = float(c.norm_eps)
+    pre = c.norm_position == "pre"
+    residual = x
+    pending = None  # pre-norm: the sublayer output not yet added to the residual
+    for i in range(c.n_layers):
+        scope, p = f"/model/layers.{i}", f"model.layers.{i}."
+        attn_norm = g.weight(p + "input_layernorm.weight", named[p + "input_layernorm.weight"])
+        mlp_norm = g.weight(p + "post_attention_layernorm.weight",
+                            named[p + "post_attention_layernorm.weight"])
+        if pre:
+            if pending is None:
+                h = g.op("SimplifiedLayerNormalization", [residual, attn_norm],
+                         scope + "/input_layernorm", axis=-1, epsilon=eps)
+            else:
+                h, residual = _skip_norm(g, pending, residual, attn_norm, eps,
+                                         scope + "/input_layernorm")
+            a = _attention(g, h, i, named, c, rope, lengths, quant, scope + "/attn")
+            h, residual = _skip_norm(g, a, residual, mlp_norm, eps,
+                                     scope + "/post_attention_layernorm")
+            pending = _mlp(g, h, i, named, c, quant, scope + "/mlp")
+        else:  # post-norm: x = norm(x + attn(x)); x = norm(x + mlp(x))
+            a = _attention(g, residual, i, named, c, rope, lengths, quant,
+                           scope + "/attn")
+            residual, _ = _skip_norm(g, a, residual, attn_norm, eps,
+                                     scope + "/input_layernorm", with_sum=False)
+            m = _mlp(g, residual, i, named, c, quant, scope + "/mlp")
+            residual, _ = _skip_norm(g, m, residual, mlp_norm, eps,
+                                     scope + "/post_attention_layernorm", with_sum=False)
+    final = g.weight("model.norm.weight", named["model.norm.weight"])
+    if pre:
+        x, _ = _skip_norm(g, pending, residual, final, eps, "/model/norm", with_sum=False)
+    else:
+        x = g.op("SimplifiedLayerNormalization", [residual, final], "/model/norm", axis=-1,
+                 epsilon=eps)
+    if not c.tie_embeddings:
+        logits = _linear(g, x, named["lm_head.weight"].T, "lm_head", quant, "/lm_head")
+    elif head_blocks is not None:  # MatMulNBits over the embedding's own uint8 blocks
+        packed, scales, zero_points = head_blocks
+        inputs = [x, packed, scales] + ([zero_points] if zero_points else [])
+        logits = g.op("MatMulNBits", inputs, "/lm_head", domain=MS, K=c.d_model,
+                      N=c.vocab_size, bits=quant.bits, block_size=quant.block_size,
+                      accuracy_level=quant.accuracy_level)
+    else:  # x (B, T, D) @ table (V, D)^T, reading the table in place
+        logits = g.op("FusedMatMul", [x, "model.embed_tokens.weight"], "/lm_head", domain=MS,
+                      transB=1, alpha=1.0)
+    g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"],
+                                         name="/lm_head/logits"))
+    return _make_model(g, c)
+
+
+def _skip_norm(g: _Graph, x: str, skip: str, scale: str, eps: float, scope: str,
+               with_sum: bool = True):
+    """(rms_norm(x + skip) * scale, x + skip): SkipSimplifiedLayerNormalization's outputs 0
+    and 3 (the sum only when with_sum; outputs 1, 2 are training statistics, not asked for)."""
+    name = f"{scope}/SkipSimplifiedLayerNormalization"
+    out, total = f"{name}/output_0", f"{name}/output_3"
+    g.nodes.append(onnx.helper.make_node(
+        "SkipSimplifiedLayerNormalization", [x, skip, scale],
+        [out, "", "", total] if with_sum else [out], name=name, domain=MS, epsilon=eps))
+    return out, (total if with_sum else None)
+
+
+def _gqa_lengths(g: _Graph) -> tuple[str, str, str]:
+    """GroupQueryAttention's length inputs, from attention_mask (B, P + T):
+    seqlens_k [B] int32 = sum(mask) - 1 and total_sequence_length int32 scalar = P + T (the
+    builder's make_attention_mask_reformatting_for_gqa), and query_seqlens [B] int32 = the sum
+    of the mask's last T columns: each row's count of new tokens, which lets the kernel append
+    several tokens to a batch of caches (without it, more than one new token with a past
+    needs batch 1) and pad the new tokens on the right."""
+    scope = "/model/attn_mask_reformat"
+    axis = g.const([1])
+    total_b = g.op("ReduceSum", ["attention_mask", axis], scope, keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [total_b, g.const(1)], scope)], scope,
+                     to=TensorProto.INT32)
+    width = g.op("Gather", [g.op("Shape", ["attention_mask"], scope), g.const(1)], scope,
+                 axis=0)
+    total = g.op("Cast", [width], scope, to=TensorProto.INT32)
+    new = g.op("Shape", ["input_ids"], scope, start=1, end=2)  # [T]
+    new_mask = g.op("Slice", ["attention_mask", g.op("Neg", [new], scope),
+                              g.const([np.iinfo(np.int64).max]), axis], scope)
+    query_seqlens = g.op("Cast", [g.op("ReduceSum", [new_mask, axis], scope, keepdims=0)],
+                         scope, to=TensorProto.INT32)
+    return seqlens_k, total, query_seqlens
+
+
+def _attention(g: _Graph, x: str, i: int, named, c, rope, lengths: tuple[str, str, str],
+               quant: _Quant, scope: str) -> str:
+    """Packed QKV projection, GroupQueryAttention (rotary inside), o projection; names the
+    present.{i}.key / .value graph outputs."""
+    p = f"model.layers.{i}.self_attn."
+    qkv = np.concatenate([named[p + f"{x}_proj.weight"] for x in "qkv"], axis=0).T  # (D, ...)
+    y = _linear(g, x, qkv, p + "qkv_proj", quant, scope + "/qkv_proj")
+    del qkv
+    outs = [f"{scope}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"]
+    g.nodes.append(onnx.helper.make_node(
+        "GroupQueryAttention",
+        [y, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", lengths[0],
+         lengths[1], rope[0], rope[1]] + [""] * 7 + [lengths[2]],  # 16: query_seqlens
+        outs, name=f"{scope}/GroupQueryAttention", domain=MS, num_heads=c.n_heads,
+        kv_num_heads=c.n_kv_heads, do_rotary=1, rotary_interleaved=0,
+        scale=float(1.0 / np.sqrt(c.head_dim))))
+    return _linear(g, outs[0], named[p + "o_proj.weight"].T, p + "o_proj", quant,
+                   scope + "/o_proj")
+
+
+def _mlp(g: _Graph, x: str, i: int, named, c, quant: _Quant, scope: str) -> str:
+    """down(silu(gate(x)) * up(x)) with one packed gate/up projection."""
+    p = f"model.layers.{i}.mlp."
+    gate_up = np.concatenate([named[p + "gate_proj.weight"], named[p + "up_proj.weight"]],
+                             axis=0).T  # (D, 2F): gate columns, then up columns
+    y = _linear(g, x, gate_up, p + "gate_up_proj", quant, scope + "/gate_up_proj")
+    del gate_up
+    gate, up = g.op("Split", [y, g.const([c.d_ff, c.d_ff])], scope, outputs=2, axis=-1)
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], scope)], scope), up], scope)
+    return _linear(g, act, named[p + "down_proj.weight"].T, p + "down_proj", quant,
+                   scope + "/down_proj")
+
+
+def _quantized_embedding(g: _Graph, table: np.ndarray, quant: _Quant, tied: bool):
+    """input_ids -> (B, T, D) through GatherBlockQuantized on the table quantized as
+    MatMulNBits quantizes a (K=D, N=V) weight: uint8 (V, blocks, bytes per block), stored
+    once. GatherBlockQuantized reads it as rank-3 data quantized along its last axis, so it
+    needs (V, blocks, 1) scales and one zero point per byte; MatMulNBits (the tied head)
+    takes the (V, blocks) originals. Returns (embedded, the head's (data, scales, zero_points)
+    names when tied, else None)."""
+    v, d = table.shape
+    bits, bs = quant.bits, quant.block_size
+    packed, scales, zero_points = _quantize_nbits(np.ascontiguousarray(table.T), bits, bs)
+    blocks = packed.shape[1]
+    base = "model.embed_tokens.weight"
+    data = g.weight(f"{base}_Q{bits}", packed)
+    inputs = [data, "input_ids", g.weight(f"{base}_gather_scales", scales.reshape(v, blocks, 1))]
+    if zero_points is not None:  # int4: uint4 pairs per byte -> one per byte, low nibble
+        unpacked = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(v, -1)
+        inputs.append(g.weight(f"{base}_gather_zero_points",
+                               np.ascontiguousarray(unpacked[:, :blocks, None])))
+    head = None
+    if tied:
+        head = (data, g.weight(f"{base}_scales", scales),
+                None if zero_points is None else g.weight(f"{base}_zero_points", zero_points))
+    scope = "/model/embed_tokens"
+    y = g.op("GatherBlockQuantized", inputs, scope, domain=MS, bits=bits, block_size=bs,
+             gather_axis=0, quantize_axis=2)  # (B, T, blocks, block_size)
+    return g.op("Reshape", [y, g.const([0, 0, d])], scope), head
+
+
+def graph_ops(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """Node counts by op type, per scope: "layer" (/model/layers.0/...) and "other"."""
+    out: dict[str, dict[str, int]] = {"layer": {}, "other": {}}
+    for node in model.graph.node:
+        where = "layer" if node.name.startswith("/model/layers.0/") else (
+            None if node.name.startswith("/model/layers.") else "other")
+        if where:
+            out[where][node.op_type] = out[where].get(node.op_type, 0) + 1
+    return out
+
