@@ -31,6 +31,7 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+from geb_jax.atomic_io import atomic_file
 from geb_jax.data import gguf_vocab
 from geb_jax.data.tokenizer import Tokenizer, TokenizerError, check_vocab_fits
 
@@ -410,14 +411,8 @@ def _sentencepiece_metadata(path: str) -> dict:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 # ---- choosing the tokenizer for a path -------------------------------------------------------

@@ -37,6 +37,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from geb_jax.atomic_io import atomic_file
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 VOCAB_MULTIPLE = 128
@@ -203,10 +205,8 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> str:
         """Write the serialized model to `path` (a .model file) atomically; returns the path."""
         path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as f:
             f.write(self._sp.serialized_model_proto())
-        os.replace(tmp, path)
         return path
 
     # -- ids ------------------------------------------------------------------------------
@@ -364,11 +364,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, output_prefix: str | 
             f"sentences ({sum(counts.values())} characters): {e}") from e
 
     path = os.fspath(output_prefix) + ".model"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         f.write(writer.getvalue())
-    os.replace(tmp, path)
     return Tokenizer.load(path)
 
 

@@ -15,6 +15,8 @@ import os
 
 import numpy as np
 
+from geb_jax.atomic_io import atomic_file
+
 try:
     import scipy.optimize as _scipy_optimize
 except ImportError:  # numpy-only fallback below
@@ -197,7 +199,6 @@ def plot_power_law(fit: PowerLawFit, x, loss, path: str, extrapolate: float = 10
 
 def save_figure(fig, path: str) -> str:
     """Saves a matplotlib Figure as PNG all or nothing (temporary name, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=120, format="png")
     return path

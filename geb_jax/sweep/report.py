@@ -24,6 +24,7 @@ import statistics
 
 import numpy as np
 
+from geb_jax.atomic_io import atomic_file
 from geb_jax.model import ModelConfig
 from geb_jax.sweep import runner
 from geb_jax.sweep.powerlaw import fit_power_law, plot_power_law, save_figure
@@ -162,10 +163,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_text_atomic(path: str, text: str) -> str:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
     return path
 
 
