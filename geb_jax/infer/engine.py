@@ -79,10 +79,14 @@ def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, out: np.ndarray,
     if ms is None:
         ms = np.empty(x.shape[0], np.float32)
     np.vecdot(x, x, out=ms)
-    ms *= np.float32(1.0 / x.shape[-1])
-    ms += np.float32(eps)
-    np.sqrt(ms, out=ms)
-    np.divide(x, ms[:, None], out=out)
+    if x.shape[0] == 1:  # one row (decode): the same float32 arithmetic on a scalar
+        root = np.float32(math.sqrt(ms[0] * np.float32(1.0 / x.shape[-1]) + np.float32(eps)))
+        np.divide(x, root, out=out)
+    else:
+        ms *= np.float32(1.0 / x.shape[-1])
+        ms += np.float32(eps)
+        np.sqrt(ms, out=ms)
+        np.divide(x, ms[:, None], out=out)
     np.multiply(out, scale, out=out)
     return out
 
@@ -185,6 +189,16 @@ class Engine:
         self._logits: np.ndarray | None = None
 
     # -- state --------------------------------------------------------------------------------
+    @property
+    def pad(self) -> np.ndarray:
+        """Left padding per row (int64 (B,))."""
+        return self._pad
+
+    @pad.setter
+    def pad(self, value) -> None:
+        self._pad = np.asarray(value, np.int64)
+        self._any_pad = bool(self._pad.any())
+
     def reset(self, batch: int) -> None:
         """Empty the cache for `batch` rows (buffers are reused when the batch size repeats)."""
         c = self.config
@@ -413,7 +427,7 @@ class Engine:
     def _mask(self, s0: int, s1: int) -> np.ndarray | None:
         """Additive mask (B, 1, 1, T, S) for queries at slots [s0, s1): causal, and a row's pad
         slots hidden from its real tokens; None when nothing is masked (one token, no pads)."""
-        if s1 - s0 == 1 and not self.pad.any():
+        if s1 - s0 == 1 and not self._any_pad:
             return None
         slot_q = np.arange(s0, s1)[None, :, None]
         slot_k = np.arange(s1)[None, None, :]
@@ -425,7 +439,10 @@ class Engine:
         """ws.rope <- the cos / sin factors of every row's q and k heads at this step.
         Position = slot - pad (pad slots get position 0)."""
         t = ws.tokens
-        positions = np.maximum(np.arange(s0, s0 + t)[None, :] - self.pad[:, None], 0)
+        if t == 1:  # decoding: every row's slot is past its pads
+            positions = np.subtract(s0, self.pad)
+        else:
+            positions = np.maximum(np.arange(s0, s0 + t)[None, :] - self.pad[:, None], 0)
         np.take(self._rope, positions.reshape(-1), axis=0, out=ws.rope_rows)
         np.multiply(ws.rope_rows_t, self._rope_head_scale, out=ws.rope)
 
