@@ -418,6 +418,7 @@ def test_float16_to_float32_conversion_is_exact_for_every_float16(monkeypatch):
     from geb_jax.infer import quantize
     every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
     every = every[np.isfinite(every)]
+    assert every.size >= quantize.F16_BITS_MIN_SIZE  # the bit operations are used
     for fallback in (False, True):
         if fallback:
             monkeypatch.setattr(quantize, "_F16_SUBNORMAL", np.float32(0.0))
