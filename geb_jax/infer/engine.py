@@ -28,6 +28,7 @@ dim, F FFN width, V vocab, L layers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -72,19 +73,24 @@ def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.reshape(a, shape, copy=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _norm_constants(d: int, eps: float) -> tuple[np.float32, np.float32]:
+    return np.float32(1.0 / d), np.float32(eps)
+
+
 def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, out: np.ndarray,
               ms: np.ndarray | None = None) -> np.ndarray:
     """out = x / sqrt(mean(x^2) + eps) * scale over the last axis (x: (R, D)); ms: an (R,)
     float32 scratch vector."""
     if ms is None:
         ms = np.empty(x.shape[0], np.float32)
+    inv_d, eps32 = _norm_constants(x.shape[-1], eps)
     np.vecdot(x, x, out=ms)
     if x.shape[0] == 1:  # one row (decode): the same float32 arithmetic on a scalar
-        root = np.float32(math.sqrt(ms[0] * np.float32(1.0 / x.shape[-1]) + np.float32(eps)))
-        np.divide(x, root, out=out)
+        np.divide(x, np.float32(math.sqrt(ms[0] * inv_d + eps32)), out=out)
     else:
-        ms *= np.float32(1.0 / x.shape[-1])
-        ms += np.float32(eps)
+        ms *= inv_d
+        ms += eps32
         np.sqrt(ms, out=ms)
         np.divide(x, ms[:, None], out=out)
     np.multiply(out, scale, out=out)
