@@ -15,6 +15,10 @@ first on odd ones), and the medians are compared, so load that drifts during the
 alike. The bound is bench_cpu.py's: read bandwidth measured in this process (here with
 --threads threads) before each model / bytes of weights one decoded token reads. The last
 column is the largest logit difference between old and new after the last decoded token.
+
+--split adds a second table: per decoded token, the time spent inside the weight matmuls (the
+module-level `matmul` each engine calls, wrapped with a timer) and the rest of the step, the
+per-token overhead this issue is about (attention over the cache, norms, RoPE, SwiGLU, Python).
 """
 from __future__ import annotations
 
@@ -76,6 +80,29 @@ def decode_seconds(engine, prompt: np.ndarray, tokens: int) -> tuple[float, np.n
     return time.perf_counter() - start, logits.copy()
 
 
+def split_seconds(module, engine, prompt: np.ndarray, tokens: int) -> tuple[float, float]:
+    """(seconds per decoded token, of which inside the weight matmuls), token 0 fed."""
+    real, inside = module.matmul, [0.0]
+
+    def timed(x, w, out=None):
+        start = time.perf_counter()
+        result = real(x, w, out=out)
+        inside[0] += time.perf_counter() - start
+        return result
+
+    engine.prefill(prompt)
+    token = np.zeros(1, np.int64)
+    module.matmul = timed
+    try:
+        start = time.perf_counter()
+        for _ in range(tokens):
+            engine.decode_step(token, copy=False)
+        total = time.perf_counter() - start
+    finally:
+        module.matmul = real
+    return total / tokens, inside[0] / tokens
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +115,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bandwidth-mib", type=int, default=512)
+    p.add_argument("--split", action="store_true",
+                   help="also time the weight matmuls inside the step vs the rest")
     args = p.parse_args(argv)
     old_quantize = load_module("engine_ab_old_quantize", args.old_quantize)
     old_engine = load_module("engine_ab_old_engine", args.old_engine)
@@ -97,6 +126,7 @@ def main(argv=None) -> None:
     print("| model | dtype | MiB read/token | GB/s | bound tok/s | old tok/s | new tok/s | "
           "new / old | old % of bound | new % of bound | max abs dlogit |")
     print("|" + "---|" * 11, flush=True)
+    splits = []
     for model in args.models.split(","):
         config = InferConfig.from_dict(
             bench_cpu.bench_model_config(model, args.prompt, args.decode))
@@ -126,7 +156,25 @@ def main(argv=None) -> None:
                   f"{tok_s['new'] / tok_s['old']:.2f} | {100 * tok_s['old'] / bound:.0f}% | "
                   f"{100 * tok_s['new'] / bound:.0f}% | "
                   f"{np.abs(last['old'] - last['new']).max():.1e} |", flush=True)
+            if args.split:
+                modules = {"old": old_engine, "new": sys.modules[Engine.__module__]}
+                runs: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+                for r in range(args.repeats):
+                    for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                        runs[name].append(split_seconds(modules[name], engines[name], prompt,
+                                                        args.decode))
+                splits.append((model, dtype, {
+                    name: (statistics.median(t for t, _ in v),
+                           statistics.median(t - m for t, m in v)) for name, v in runs.items()}))
             del engines, new_weights
+    if splits:
+        print("\n| model | dtype | old ms/token | new ms/token | old ms outside weight matmuls |"
+              " new ms outside weight matmuls | outside: old / new |")
+        print("|" + "---|" * 7)
+        for model, dtype, v in splits:
+            print(f"| {model} | {dtype} | {v['old'][0] * 1e3:.3f} | {v['new'][0] * 1e3:.3f} | "
+                  f"{v['old'][1] * 1e3:.3f} | {v['new'][1] * 1e3:.3f} | "
+                  f"{v['old'][1] / v['new'][1]:.2f} |")
 
 
 if __name__ == "__main__":
