@@ -30,8 +30,13 @@ about ``BLOCK_BYTES`` of float32: cast a block of codes, run BLAS on it, scale i
   GEMV) was ~1.6x slower: numpy's broadcast multiply over 32-element runs is slow.
 * int4, prefill (more rows): the block is fully dequantized and multiplied by one GEMM, since
   there the per-weight work is amortised over the rows.
-Measured on the 2-core shared AMD EPYC dev machine (OpenBLAS 1 thread, random weights,
-`python -m geb_jax.infer.bench`): the "small" preset's 12 layers per decoded token took
+* Per call: scratch buffers are taken once per matmul and viewed per block, and int4's float16
+  scales / minima become float32 through `_f16_to_f32` (integer bit operations, exact), once
+  per decode matmul for the whole matrix: numpy's float16 cast converts one element at a time
+  and was ~19% of an int4 decode step, the per-block buffer lookups 10-14% of a quantized one
+  (issue 15; docs/benchmarks.md, "numpy engine per-token overhead").
+Measured on the 2-core shared AMD EPYC dev machine before those changes (OpenBLAS 1 thread,
+random weights, `python -m geb_jax.infer.bench`): the "small" preset's 12 layers per decoded token took
 float32 ~18 ms, int8 ~31 ms, int4 ~72 ms; one TinyLlama-1.1B layer 8 / 13 / 34 ms. BLOCK_BYTES
 256 KiB / 512 KiB / 1 MiB / 2 MiB / 4 MiB gave int8 55 / 39 / 30 / 25 / 23 ms and int4 169 /
 119 / 89 / 64 / 64 ms (small preset, a busier moment): per-call overhead dominates small blocks,
