@@ -36,7 +36,7 @@ import bench_cpu  # noqa: E402  pylint: disable=wrong-import-position
 
 from geb_jax.infer import Engine, quantize_weights  # noqa: E402
 from geb_jax.infer._blas import set_blas_threads  # noqa: E402
-from geb_jax.infer.bench import random_weights  # noqa: E402
+from geb_jax.infer.bench import PRESETS, random_weights  # noqa: E402
 from geb_jax.infer.config import InferConfig  # noqa: E402
 from geb_jax.infer.weights import matrix_nbytes  # noqa: E402
 
@@ -108,7 +108,8 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old-engine", required=True, help="a copy of geb_jax/infer/engine.py")
     p.add_argument("--old-quantize", required=True, help="a copy of geb_jax/infer/quantize.py")
-    p.add_argument("--models", default="tiny,small")
+    p.add_argument("--models", default="tiny,small",
+                   help="configs/<name>.py presets, or bench.<name> for geb_jax.infer.bench's")
     p.add_argument("--dtypes", default="f32,int8,int4")
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--decode", type=int, default=64)
@@ -128,8 +129,13 @@ def main(argv=None) -> None:
     print("|" + "---|" * 11, flush=True)
     splits = []
     for model in args.models.split(","):
-        config = InferConfig.from_dict(
-            bench_cpu.bench_model_config(model, args.prompt, args.decode))
+        if model.startswith("bench."):  # geb_jax/infer/bench.py's presets ("bench.tiny")
+            values = dict(PRESETS[model[len("bench."):]])
+            values["max_seq_len"] = max(values["max_seq_len"], args.prompt + args.decode)
+            config = InferConfig.from_dict(values)
+        else:  # configs/<model>.py
+            config = InferConfig.from_dict(
+                bench_cpu.bench_model_config(model, args.prompt, args.decode))
         base = random_weights(config)
         prompt = np.random.default_rng(1).integers(0, config.vocab_size, (1, args.prompt))
         bandwidth = bench_cpu.measure_bandwidth(args.threads, args.bandwidth_mib << 20)["gb_s"]
