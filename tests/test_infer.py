@@ -410,6 +410,49 @@ def test_quantization_round_trip_within_closed_form_bound(shape):
         np.testing.assert_allclose(q.columns(cols), q.dequantize()[:, cols], rtol=1e-6)
 
 
+def test_float16_to_float32_conversion_is_exact_for_every_float16(monkeypatch):
+    """int4 scales / minima are float16; the matmul converts them with integer bit operations
+    (quantize._f16_to_f32). Every finite float16 (subnormals, signed zeros included) must
+    come out equal to numpy's cast, on strided input too, and so must the fallback used when
+    subnormals are flushed to zero."""
+    from geb_jax.infer import quantize
+    every = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    every = every[np.isfinite(every)]
+    assert every.size >= quantize.F16_BITS_MIN_SIZE  # the bit operations are used
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(quantize, "_F16_SUBNORMAL", np.float32(0.0))
+        out = quantize._f16_to_f32(every, np.empty(every.shape, np.float32))
+        assert np.array_equal(out, every.astype(np.float32))
+        assert np.array_equal(np.signbit(out), np.signbit(every))
+        strided = every[:63488].reshape(-1, 64).T  # (64, 992), transposed
+        out = quantize._f16_to_f32(strided, np.empty(strided.shape, np.float32))
+        assert np.array_equal(out, strided.astype(np.float32))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_matmul_equals_float64_on_the_dequantized_matrix(mode):
+    """Both matmul paths (decode: <= DECODE_ROWS rows, scales applied after the group
+    matmuls; prefill: dequantized blocks) against float64 on the dequantized matrix, to a
+    float32 rounding bound (1e-6 of sum |x| |w|), on a matrix spanning several column blocks
+    and an `out` buffer that is a column slice."""
+    from geb_jax.infer import quantize
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((256, 3000)).astype(np.float32) * 0.1
+    w[:, 5] += 3.0  # a skewed column
+    q = quantize_int8(w) if mode == "int8" else quantize_int4(w)
+    assert quantize._block_cols(256, 3000) < 3000  # several blocks
+    dense = q.dequantize().astype(np.float64)
+    for rows in (1, 3, quantize.DECODE_ROWS, quantize.DECODE_ROWS + 1, 20):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        buf = np.full((rows, 3010), np.nan, np.float32)
+        got = q.matmul(x, out=buf[:, 5:3005])
+        assert np.shares_memory(got, buf)
+        bound = 1e-6 * (np.abs(x).astype(np.float64) @ np.abs(dense))
+        assert (np.abs(got - x.astype(np.float64) @ dense) <= bound).all(), rows
+        assert np.isnan(buf[:, :5]).all() and np.isnan(buf[:, 3005:]).all()
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_quantized_model_logits_close_to_float32(tiny_config, tied):
     config = tiny_config.replace(vocab_size=256, d_model=64, head_dim=16, d_ff=128,

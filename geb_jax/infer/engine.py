@@ -6,12 +6,18 @@ written for CPU serving:
 
 * Matmuls read the fused, pre-transposed (in, out) matrices of `Weights` (qkv, gate_up);
   quantized matrices are used the same way (geb_jax.infer.quantize).
-* KV cache: per layer (B, K, max_len, H) float32, allocated once per batch size. Attention is
-  GQA-aware without repeating KV heads: q is reshaped into (B, K, N/K * T, H) so each KV head
-  is multiplied with its group of query heads in one batched matmul.
+* KV cache: one (L, 2, B, K, max_len, H) float32 array (k_cache / v_cache are its halves),
+  allocated once per batch size, so a step writes a layer's new keys and values in one copy.
+  Attention is GQA-aware without repeating KV heads: q is viewed as (B, K, N/K * T, H) so each
+  KV head is multiplied with its group of query heads in one batched matmul.
 * Decode (and prefill) run through per-row-count workspaces: every intermediate is a
-  preallocated buffer written with ``out=``, so a decode step allocates only a few tiny arrays.
-* RoPE cos/sin tables are precomputed for the cache length.
+  preallocated buffer written with ``out=``, and the views the layers read (q, k, v heads,
+  RoPE halves) are made once per workspace, so a decode step allocates only a few tiny arrays.
+  At one token per row the attention reads q straight from the qkv buffer and writes its
+  context straight into the o projection's input (no transposing copies).
+* RoPE: cos/sin tables are precomputed for the cache length as (cos, cos) / (-sin, sin) pairs,
+  so rotating q and k is three in-place ops per layer on a view with the halves swapped; the
+  query heads' factors also carry attention's 1/sqrt(H).
 * Batches of different lengths are left-padded: row b's tokens sit at cache slots
   [pad_b, length) with RoPE positions counted from its first real token, and keys in its pad
   slots are masked, so each row computes exactly what it would alone (tests check 1e-4). All
@@ -22,6 +28,7 @@ dim, F FFN width, V vocab, L layers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -52,40 +59,101 @@ def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, 
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
-    """out = x / sqrt(mean(x^2) + eps) * scale over the last axis (x: (R, D))."""
-    ms = np.einsum("rd,rd->r", x, x)
-    ms *= np.float32(1.0 / x.shape[-1])
-    ms += np.float32(eps)
-    np.sqrt(ms, out=ms)
-    np.divide(x, ms[:, None], out=out)
+def rope_pairs(max_len: int, head_dim: int, theta: float) -> np.ndarray:
+    """(max_len, 2, 2, H/2) float32: [(cos, cos), (-sin, sin)] per position. With a head's
+    halves (x1, x2) and the same head with its halves swapped (x2, x1), the rotation is
+    (x1, x2) * (cos, cos) + (x2, x1) * (-sin, sin) = (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    cos, sin = rope_tables(max_len, head_dim, theta)
+    return np.stack([np.stack([cos, cos], 1), np.stack([-sin, sin], 1)], 1)
+
+
+def _view(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """a reshaped without copying (raises if the memory layout does not allow it): the
+    workspace's views must alias its buffers."""
+    return np.reshape(a, shape, copy=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_constants(d: int, eps: float) -> tuple[np.float32, np.float32]:
+    return np.float32(1.0 / d), np.float32(eps)
+
+
+def _rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, out: np.ndarray,
+              ms: np.ndarray | None = None) -> np.ndarray:
+    """out = x / sqrt(mean(x^2) + eps) * scale over the last axis (x: (R, D)); ms: an (R,)
+    float32 scratch vector."""
+    if ms is None:
+        ms = np.empty(x.shape[0], np.float32)
+    inv_d, eps32 = _norm_constants(x.shape[-1], eps)
+    np.vecdot(x, x, out=ms)
+    if x.shape[0] == 1:  # one row (decode): the same float32 arithmetic on a scalar
+        np.divide(x, np.float32(math.sqrt(ms[0] * inv_d + eps32)), out=out)
+    else:
+        ms *= inv_d
+        ms += eps32
+        np.sqrt(ms, out=ms)
+        np.divide(x, ms[:, None], out=out)
     np.multiply(out, scale, out=out)
     return out
 
 
 class _Workspace:
-    """Every per-layer intermediate for R = B * T rows (T new tokens per row)."""
+    """Every per-layer intermediate for R = B * T rows (T new tokens per row), and the fixed
+    views of them that the layers read and write."""
 
     def __init__(self, cfg, batch: int, tokens: int, max_len: int):
         b, t, r = batch, tokens, batch * tokens
         d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+        g, half = n // k, h // 2
         self.batch, self.tokens = b, t
         e = np.empty
         self.x = e((r, d), np.float32)  # residual stream
         self.h = e((r, d), np.float32)  # normed input of a sublayer
         self.proj = e((r, d), np.float32)  # sublayer output
+        self.ms = e((r,), np.float32)  # rms-norm statistics
         self.qkv = e((r, (n + 2 * k) * h), np.float32)
-        self.rope_a = e((r, n + k, h // 2), np.float32)
-        self.rope_b = e((r, n + k, h // 2), np.float32)
-        self.cos = e((r, h // 2), np.float32)
-        self.sin = e((r, h // 2), np.float32)
-        self.q = e((b, k, (n // k) * t, h), np.float32)  # (B, K, G*T, H), rows ordered (g, t)
-        self.ctx = e((b, k, (n // k) * t, h), np.float32)
-        self.attn = e((r, n * h), np.float32)
+        # RoPE on the q and k heads in place: (R, N+K, 2, H/2) and the same with halves swapped
+        self.qk = _view(self.qkv[:, :(n + k) * h], (r, n + k, 2, half))
+        self.qk_swapped = self.qk[:, :, ::-1]
+        self.rope_rows = e((r, 2, 2, half), np.float32)  # this step's rows of rope_pairs
+        self.rope_rows_t = self.rope_rows.transpose(1, 0, 2, 3)[:, :, None]  # (2, R, 1, 2, H/2)
+        self.rope = e((2, r, n + k, 2, half), np.float32)  # per head: (cos, cos), (-sin, sin)
+        self.rope_tmp = e((r, n + k, 2, half), np.float32)
+        # new keys and values: (2, B, K, T, H), as the cache holds them
+        self.new_kv = _view(self.qkv[:, n * h:], (b, t, 2, k, h)).transpose(2, 0, 3, 1, 4)
+        self.attn = e((r, n * h), np.float32)  # attention output, input of the o projection
+        if t == 1:  # q and the context read / write qkv and attn directly, rows ordered (g)
+            self.q = _view(self.qkv[:, :n * h], (b, k, g, h))
+            self.ctx = _view(self.attn, (b, k, g, h))
+        else:  # (B, K, G*T, H) copies, rows ordered (g, t)
+            self.q = e((b, k, g * t, h), np.float32)
+            self.ctx = e((b, k, g * t, h), np.float32)
+            self.q_from_qkv = (_view(self.q, (b, k, g, t, h)), _view(
+                self.qkv[:, :n * h], (b, t, k, g, h)).transpose(0, 2, 3, 1, 4))
+            self.attn_from_ctx = (_view(self.attn, (b, t, k, g, h)), _view(
+                self.ctx, (b, k, g, t, h)).transpose(0, 3, 1, 2, 4))
         self.scores = e((b * n * t * max_len,), np.float32)  # flat; viewed as (B,K,G*T,S)
-        self.row_max = e((b, k, (n // k) * t, 1), np.float32)
+        self.row_max = e((b, k, g * t, 1), np.float32)
         self.gate_up = e((r, 2 * f), np.float32)
+        self.gate, self.up = self.gate_up[:, :f], self.gate_up[:, f:]
         self.act = e((r, f), np.float32)
+
+
+class _Step:
+    """What every layer of one forward step shares: the slots it writes, its attention
+    scores buffer, the cache's keys / values up to its last slot, and the mask."""
+
+    def __init__(self, engine: "Engine", ws: _Workspace):
+        c = engine.config
+        b, t = ws.batch, ws.tokens
+        k, g = c.n_kv_heads, c.n_heads // c.n_kv_heads
+        self.s0, self.s1 = s0, s1 = engine.length, engine.length + t
+        self.kv_new = engine.kv_cache[:, :, :, :, s0:s1]  # (L, 2, B, K, T, H)
+        self.keys_t = engine.k_cache[:, :, :, :s1].swapaxes(-1, -2)  # (L, B, K, H, S)
+        self.values = engine.v_cache[:, :, :, :s1]  # (L, B, K, S, H)
+        self.scores = ws.scores[:b * k * g * t * s1].reshape(b, k, g * t, s1)
+        self.mask = engine._mask(s0, s1)  # pylint: disable=protected-access
+        self.scores5 = self.scores.reshape(b, k, g, t, s1)
 
 
 class Engine:
@@ -113,24 +181,39 @@ class Engine:
             from geb_jax.infer._blas import set_blas_threads  # pylint: disable=import-outside-toplevel
             set_blas_threads(threads)
         self.cos, self.sin = rope_tables(self.max_len, cfg.head_dim, cfg.rope_theta)
+        self._rope = rope_pairs(self.max_len, cfg.head_dim, cfg.rope_theta)
+        # RoPE factors per head (q heads, then k heads): q's carry attention's 1/sqrt(H)
+        head_scale = np.ones(cfg.n_heads + cfg.n_kv_heads, np.float32)
+        head_scale[:cfg.n_heads] = np.float32(1.0 / math.sqrt(cfg.head_dim))
+        self._rope_head_scale = head_scale[None, None, :, None, None]
         self._workspaces: dict[tuple[int, int], _Workspace] = {}
         self.batch = 0
-        self.k_cache = self.v_cache = None
+        self.kv_cache = self.k_cache = self.v_cache = None
         self.pad = np.zeros(0, np.int64)  # left padding per row
         self.length = 0  # cache slots filled (same for every row, pads included)
         self.history: list[list[int]] = []  # real tokens whose K/V are cached, per row
         self._logits: np.ndarray | None = None
 
     # -- state --------------------------------------------------------------------------------
+    @property
+    def pad(self) -> np.ndarray:
+        """Left padding per row (int64 (B,))."""
+        return self._pad
+
+    @pad.setter
+    def pad(self, value) -> None:
+        self._pad = np.asarray(value, np.int64)
+        self._any_pad = bool(self._pad.any())
+
     def reset(self, batch: int) -> None:
         """Empty the cache for `batch` rows (buffers are reused when the batch size repeats)."""
         c = self.config
         if batch < 1:
             raise ValueError(f"batch must be positive, got {batch}")
         if self.batch != batch or self.k_cache is None:
-            shape = (c.n_layers, batch, c.n_kv_heads, self.max_len, c.head_dim)
-            self.k_cache = np.zeros(shape, np.float32)
-            self.v_cache = np.zeros(shape, np.float32)
+            shape = (c.n_layers, 2, batch, c.n_kv_heads, self.max_len, c.head_dim)
+            self.kv_cache = np.zeros(shape, np.float32)
+            self.k_cache, self.v_cache = self.kv_cache[:, 0], self.kv_cache[:, 1]
             self._workspaces.clear()
             self._logits = np.empty((batch, c.vocab_size), np.float32)
             self.batch = batch
@@ -190,13 +273,14 @@ class Engine:
         self._check_room(1)
         ws = self._workspace(1)
         table = self.weights.embedding
-        if isinstance(table, np.ndarray) and ids.min() >= 0 and ids.max() < table.shape[0]:
+        values = ids.tolist()
+        if isinstance(table, np.ndarray) and min(values) >= 0 and max(values) < table.shape[0]:
             np.take(table, ids, axis=0, out=ws.x)
         else:
             np.copyto(ws.x, self.weights.embed(ids))  # quantized table, or an error message
         self._forward(ws)
-        for b in range(self.batch):
-            self.history[b].append(int(ids[b]))
+        for row, token in zip(self.history, values):
+            row.append(token)
         logits = self._head(ws.x, self._logits, scratch=ws.h)
         return logits.copy() if copy else logits
 
@@ -346,82 +430,89 @@ class Engine:
         _rms_norm(x, self.weights.final_norm, self.config.norm_eps, normed)
         return matmul(normed, self.weights.lm_head, out=out)
 
+    def _mask(self, s0: int, s1: int) -> np.ndarray | None:
+        """Additive mask (B, 1, 1, T, S) for queries at slots [s0, s1): causal, and a row's pad
+        slots hidden from its real tokens; None when nothing is masked (one token, no pads)."""
+        if s1 - s0 == 1 and not self._any_pad:
+            return None
+        slot_q = np.arange(s0, s1)[None, :, None]
+        slot_k = np.arange(s1)[None, None, :]
+        pad = self.pad[:, None, None]
+        allowed = (slot_k <= slot_q) & ((slot_k >= pad) | (slot_q < pad))
+        return np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None, None]
+
+    def _rope_factors(self, ws: _Workspace, s0: int) -> None:
+        """ws.rope <- the cos / sin factors of every row's q and k heads at this step.
+        Position = slot - pad (pad slots get position 0)."""
+        t = ws.tokens
+        if t == 1:  # decoding: every row's slot is past its pads
+            positions = np.subtract(s0, self.pad)
+        else:
+            positions = np.maximum(np.arange(s0, s0 + t)[None, :] - self.pad[:, None], 0)
+        np.take(self._rope, positions.reshape(-1), axis=0, out=ws.rope_rows)
+        np.multiply(ws.rope_rows_t, self._rope_head_scale, out=ws.rope)
+
     def _forward(self, ws: _Workspace) -> None:
         """ws.x (B*T, D) embeddings of tokens at slots [length, length + T) -> residual after
         the last layer, in place; K/V written to the cache; length advanced."""
-        c, w = self.config, self.weights
-        b, t = ws.batch, ws.tokens
-        s0, s1 = self.length, self.length + t
-        n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
-        g, half, nh, kh = n // k, h // 2, n * h, k * h
-        # RoPE angles per row: position = slot - pad (pad slots get position 0).
-        positions = np.maximum(np.arange(s0, s1)[None, :] - self.pad[:, None], 0).reshape(-1)
-        np.take(self.cos, positions, axis=0, out=ws.cos)
-        np.take(self.sin, positions, axis=0, out=ws.sin)
-        cos, sin = ws.cos[:, None, :], ws.sin[:, None, :]
-        # Additive mask (B, T, S): causal, and a row's pad slots hidden from its real tokens.
-        mask = None
-        if t > 1 or self.pad.any():
-            slot_q = np.arange(s0, s1)[None, :, None]
-            slot_k = np.arange(s1)[None, None, :]
-            pad = self.pad[:, None, None]
-            allowed = (slot_k <= slot_q) & ((slot_k >= pad) | (slot_q < pad))
-            mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None]  # (B,1,T,S)
-        scores = ws.scores[:b * n * t * s1].reshape(b, k, g * t, s1)
-        scores5 = scores.reshape(b, k, g, t, s1)
-        inv_sqrt_h = np.float32(1.0 / math.sqrt(h))
-        qk = ws.qkv[:, :nh + kh].reshape(b * t, n + k, h)
-        x1, x2 = qk[..., :half], qk[..., half:]
-        eps = c.norm_eps
-        pre = c.norm_position == "pre"
+        c = self.config
+        step = _Step(self, ws)
+        self._rope_factors(ws, step.s0)
+        eps, pre = c.norm_eps, c.norm_position == "pre"
         with np.errstate(over="ignore"):
-            for layer_index, layer in enumerate(w.layers):
-                # ---- attention
-                attn_in = _rms_norm(ws.x, layer.attn_norm, eps, ws.h) if pre else ws.x
-                matmul(attn_in, layer.qkv, out=ws.qkv)
-                np.multiply(x2, sin, out=ws.rope_a)
-                np.multiply(x1, sin, out=ws.rope_b)
-                np.multiply(x1, cos, out=x1)
-                np.subtract(x1, ws.rope_a, out=x1)  # x1 cos - x2 sin
-                np.multiply(x2, cos, out=x2)
-                np.add(x2, ws.rope_b, out=x2)  # x2 cos + x1 sin
-                kc, vc = self.k_cache[layer_index], self.v_cache[layer_index]  # (B, K, S, H)
-                new_k = ws.qkv[:, nh:nh + kh].reshape(b, t, k, h).transpose(0, 2, 1, 3)
-                new_v = ws.qkv[:, nh + kh:].reshape(b, t, k, h).transpose(0, 2, 1, 3)
-                np.copyto(kc[:, :, s0:s1], new_k)
-                np.copyto(vc[:, :, s0:s1], new_v)
-                q_view = ws.qkv[:, :nh].reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
-                np.multiply(q_view, inv_sqrt_h, out=ws.q.reshape(b, k, g, t, h))
-                np.matmul(ws.q, kc[:, :, :s1].swapaxes(-1, -2), out=scores)  # (B,K,G*T,S)
-                if mask is not None:
-                    np.add(scores5, mask[:, :, None], out=scores5)
-                np.max(scores, axis=-1, keepdims=True, out=ws.row_max)
-                np.subtract(scores, ws.row_max, out=scores)
-                np.exp(scores, out=scores)
-                np.sum(scores, axis=-1, keepdims=True, out=ws.row_max)
-                np.divide(scores, ws.row_max, out=scores)
-                np.matmul(scores, vc[:, :, :s1], out=ws.ctx)  # (B, K, G*T, H)
-                np.copyto(ws.attn.reshape(b, t, k, g, h),
-                          ws.ctx.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4))
-                matmul(ws.attn, layer.o, out=ws.proj)
+            for i, layer in enumerate(self.weights.layers):
+                attn_in = _rms_norm(ws.x, layer.attn_norm, eps, ws.h, ws.ms) if pre else ws.x
+                self._attention(ws, step, i, layer, attn_in)  # -> ws.proj
                 if pre:
                     np.add(ws.x, ws.proj, out=ws.x)
-                    mlp_in = _rms_norm(ws.x, layer.mlp_norm, eps, ws.h)
+                    mlp_in = _rms_norm(ws.x, layer.mlp_norm, eps, ws.h, ws.ms)
                 else:
                     np.add(ws.x, ws.proj, out=ws.proj)
-                    mlp_in = _rms_norm(ws.proj, layer.attn_norm, eps, ws.x)
-                # ---- SwiGLU: down(silu(gate) * up)
-                matmul(mlp_in, layer.gate_up, out=ws.gate_up)
-                gate, up = ws.gate_up[:, :c.d_ff], ws.gate_up[:, c.d_ff:]
-                np.negative(gate, out=ws.act)
-                np.exp(ws.act, out=ws.act)
-                ws.act += np.float32(1.0)
-                np.divide(gate, ws.act, out=ws.act)  # silu(gate) = gate / (1 + exp(-gate))
-                np.multiply(ws.act, up, out=ws.act)
-                matmul(ws.act, layer.down, out=ws.proj)
+                    mlp_in = _rms_norm(ws.proj, layer.attn_norm, eps, ws.x, ws.ms)
+                self._mlp(ws, layer, mlp_in)  # -> ws.proj
                 if pre:
                     np.add(ws.x, ws.proj, out=ws.x)
                 else:
                     np.add(ws.x, ws.proj, out=ws.proj)  # ws.x holds h (the mlp input)
-                    _rms_norm(ws.proj, layer.mlp_norm, eps, ws.x)
-        self.length = s1
+                    _rms_norm(ws.proj, layer.mlp_norm, eps, ws.x, ws.ms)
+        self.length = step.s1
+
+    @staticmethod
+    def _attention(ws: _Workspace, step: _Step, i: int, layer, x: np.ndarray) -> None:
+        """ws.proj <- o(attention(x)) for layer i; its new keys and values go to the cache."""
+        matmul(x, layer.qkv, out=ws.qkv)
+        np.multiply(ws.qk_swapped, ws.rope[1], out=ws.rope_tmp)  # RoPE on q and k heads
+        np.multiply(ws.qk, ws.rope[0], out=ws.qk)
+        np.add(ws.qk, ws.rope_tmp, out=ws.qk)
+        np.copyto(step.kv_new[i], ws.new_kv)
+        if ws.tokens > 1:
+            np.copyto(*ws.q_from_qkv)
+        scores = step.scores
+        np.matmul(ws.q, step.keys_t[i], out=scores)  # (B, K, G*T, S), q already scaled
+        if step.mask is not None:
+            np.add(step.scores5, step.mask, out=step.scores5)
+        _softmax(scores, ws.row_max)
+        np.matmul(scores, step.values[i], out=ws.ctx)  # (B, K, G*T, H)
+        if ws.tokens > 1:
+            np.copyto(*ws.attn_from_ctx)
+        matmul(ws.attn, layer.o, out=ws.proj)
+
+    @staticmethod
+    def _mlp(ws: _Workspace, layer, x: np.ndarray) -> None:
+        """ws.proj <- down(silu(gate(x)) * up(x)), silu(g) = g / (1 + exp(-g))."""
+        matmul(x, layer.gate_up, out=ws.gate_up)
+        np.negative(ws.gate, out=ws.act)
+        np.exp(ws.act, out=ws.act)
+        ws.act += np.float32(1.0)
+        np.divide(ws.gate, ws.act, out=ws.act)
+        np.multiply(ws.act, ws.up, out=ws.act)
+        matmul(ws.act, layer.down, out=ws.proj)
+
+
+def _softmax(scores: np.ndarray, row: np.ndarray) -> None:
+    """Softmax over the last axis in place; row: a (..., 1) scratch."""
+    np.maximum.reduce(scores, axis=-1, keepdims=True, out=row)
+    np.subtract(scores, row, out=scores)
+    np.exp(scores, out=scores)
+    np.add.reduce(scores, axis=-1, keepdims=True, out=row)
+    np.divide(scores, row, out=scores)

@@ -30,8 +30,13 @@ about ``BLOCK_BYTES`` of float32: cast a block of codes, run BLAS on it, scale i
   GEMV) was ~1.6x slower: numpy's broadcast multiply over 32-element runs is slow.
 * int4, prefill (more rows): the block is fully dequantized and multiplied by one GEMM, since
   there the per-weight work is amortised over the rows.
-Measured on the 2-core shared AMD EPYC dev machine (OpenBLAS 1 thread, random weights,
-`python -m geb_jax.infer.bench`): the "small" preset's 12 layers per decoded token took
+* Per call: scratch buffers are taken once per matmul and viewed per block, and int4's float16
+  scales / minima become float32 through `_f16_to_f32` (integer bit operations, exact), once
+  per decode matmul for the whole matrix: numpy's float16 cast converts one element at a time
+  and was ~19% of an int4 decode step, the per-block buffer lookups 10-14% of a quantized one
+  (issue 15; docs/benchmarks.md, "numpy engine per-token overhead").
+Measured on the 2-core shared AMD EPYC dev machine before those changes (OpenBLAS 1 thread,
+random weights, `python -m geb_jax.infer.bench`): the "small" preset's 12 layers per decoded token took
 float32 ~18 ms, int8 ~31 ms, int4 ~72 ms; one TinyLlama-1.1B layer 8 / 13 / 34 ms. BLOCK_BYTES
 256 KiB / 512 KiB / 1 MiB / 2 MiB / 4 MiB gave int8 55 / 39 / 30 / 25 / 23 ms and int4 169 /
 119 / 89 / 64 / 64 ms (small preset, a busier moment): per-call overhead dominates small blocks,
@@ -52,6 +57,7 @@ is dequantized on lookup; a tied table is quantized once and serves as the lm he
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import numpy as np
@@ -64,17 +70,49 @@ MODES = ("int8", "int4")
 _local = threading.local()
 
 
-def _scratch(name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    """A reusable C-contiguous buffer (per thread): a view of a flat array grown on demand."""
+def _buffer(name: str, size: int) -> np.ndarray:
+    """A reusable flat float32 buffer of at least `size` elements (per thread), grown on
+    demand. A matmul takes each buffer once and views slices of it per column block."""
     pool = getattr(_local, "pool", None)
     if pool is None:
         pool = _local.pool = {}
-    size = int(np.prod(shape))
-    key = (name, np.dtype(dtype).str)
-    flat = pool.get(key)
+    flat = pool.get(name)
     if flat is None or flat.size < size:
-        flat = pool[key] = np.empty(max(size, 1), dtype)
-    return flat[:size].reshape(shape)
+        flat = pool[name] = np.empty(max(size, 1), np.float32)
+    return flat
+
+
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A reusable C-contiguous float32 buffer of `shape` (per thread)."""
+    size = math.prod(shape)
+    return _buffer(name, size)[:size].reshape(shape)
+
+
+F16_BITS_MIN_SIZE = 2048  # smaller arrays: numpy's cast (one call) beats four passes
+_F16_SUBNORMAL = np.float32(2.0 ** -140)  # a float32 subnormal, as _f16_to_f32 builds them
+_F16_TO_F32_SCALE = np.float32(2.0 ** 112)  # 2^(127 - 15): float16 -> float32 exponent bias
+
+
+def _f16_to_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (float32, C-contiguous) <- src (float16, any strides), exactly.
+
+    numpy's float16 cast converts one element at a time (it was ~19% of an int4 decode step);
+    this does it with four vectorised passes: the int16 bits, sign-extended to int32 and shifted
+    left by 13, put the float16 exponent and mantissa where float32 keeps them (and copies of
+    the sign into bits 28-31); clearing bits 28-30 leaves a float32 equal to the float16 value
+    times 2^-112 (subnormals included), and one multiply by 2^112 rescales it. Where the CPU
+    flushes subnormal inputs to zero (a DAZ flag some libraries set), and for small arrays,
+    numpy's cast is used."""
+    if out.size < F16_BITS_MIN_SIZE or _F16_SUBNORMAL * _F16_TO_F32_SCALE == 0:
+        # small, or subnormals read as zero in this thread
+        np.copyto(out, src)
+        return out
+    bits = out.view(np.int32)
+    np.copyto(bits, src.view(np.int16))
+    np.left_shift(bits, 13, out=bits)
+    np.bitwise_and(bits, np.int32(-0x70000001), out=bits)  # ~0x70000000: clear bits 28-30
+    np.multiply(out, _F16_TO_F32_SCALE, out=out)
+    return out
 
 
 def _block_cols(in_dim: int, out_dim: int) -> int:
@@ -123,13 +161,14 @@ class Int8Matrix:
         rows = x.shape[0]
         out = _out(out, rows, out_dim)
         cols = _block_cols(in_dim, out_dim)
+        flat = _buffer("w", cols * in_dim)
         for o0 in range(0, out_dim, cols):
             o1 = min(o0 + cols, out_dim)
-            buf = _scratch("w", (o1 - o0, in_dim))
+            buf = flat[:(o1 - o0) * in_dim].reshape(o1 - o0, in_dim)
             np.copyto(buf, self.codes[o0:o1], casting="unsafe")
-            tmp = _scratch("y", (rows, o1 - o0))
-            np.matmul(x, buf.T, out=tmp)
-            np.multiply(tmp, self.scale[o0:o1], out=out[:, o0:o1])
+            block = out[:, o0:o1]
+            np.matmul(x, buf.T, out=block)
+            np.multiply(block, self.scale[o0:o1], out=block)
         return out
 
     def columns(self, index) -> np.ndarray:
@@ -166,49 +205,56 @@ class Int4Matrix:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scale.nbytes + self.minimum.nbytes
 
-    def _codes(self, o0: int, o1: int) -> np.ndarray:
-        """Float32 codes of columns [o0, o1) as (cols, groups, 32), in scratch."""
+    def _codes(self, flat: np.ndarray, o0: int, o1: int) -> np.ndarray:
+        """Float32 codes of columns [o0, o1) as (cols, groups, 32), in `flat`."""
         packed = self.packed[o0:o1]
         half = packed.shape[1]
-        buf = _scratch("w", (o1 - o0, 2, half))
+        buf = flat[:(o1 - o0) * 2 * half].reshape(o1 - o0, 2, half)
         np.bitwise_and(packed, 15, out=buf[:, 0], casting="unsafe")
         np.right_shift(packed, 4, out=buf[:, 1], casting="unsafe")
         return buf.reshape(o1 - o0, 2 * half // GROUP_SIZE, GROUP_SIZE)
 
     def matmul(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         in_dim, out_dim = self.shape
-        groups = in_dim // GROUP_SIZE
         x = _check_x(x, in_dim)
         rows = x.shape[0]
         out = _out(out, rows, out_dim)
+        if rows <= DECODE_ROWS:
+            return self._matmul_decode(x, out)
+        groups = in_dim // GROUP_SIZE
         cols = _block_cols(in_dim, out_dim)
-        decode = rows <= DECODE_ROWS
-        if decode:
-            x_tgi = x.reshape(rows, groups, GROUP_SIZE)
-            x_gti = x_tgi.transpose(1, 0, 2)
-            x_sum = x_tgi.sum(axis=-1)  # (rows, groups)
+        flat = _buffer("w", cols * in_dim)
+        for o0 in range(0, out_dim, cols):  # dequantize the block, one GEMM
+            o1 = min(o0 + cols, out_dim)
+            codes = self._codes(flat, o0, o1)  # (c, G, 32)
+            scale = _f16_to_f32(self.scale[o0:o1], _scratch("s", (o1 - o0, groups)))
+            minimum = _f16_to_f32(self.minimum[o0:o1], _scratch("m", (o1 - o0, groups)))
+            np.multiply(codes, scale[:, :, None], out=codes)
+            np.add(codes, minimum[:, :, None], out=codes)
+            np.matmul(x, codes.reshape(o1 - o0, in_dim).T, out=out[:, o0:o1])
+        return out
+
+    def _matmul_decode(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Few rows: y = sum_g s_g * (x_g @ code_g) + sum(x_g) * m_g, per column block."""
+        in_dim, out_dim = self.shape
+        rows, groups = x.shape[0], in_dim // GROUP_SIZE
+        x_tgi = x.reshape(rows, groups, GROUP_SIZE)
+        x_gti = x_tgi.transpose(1, 0, 2)
+        x_sum = np.add.reduce(x_tgi, axis=-1)  # (rows, groups)
+        # the whole matrix's scales and minima as float32 (groups, out), converted once
+        scale = _f16_to_f32(self.scale.T, _scratch("s", (groups, out_dim)))
+        minimum = _f16_to_f32(self.minimum.T, _scratch("m", (groups, out_dim)))
+        cols = _block_cols(in_dim, out_dim)
+        flat, part_flat = _buffer("w", cols * in_dim), _buffer("p", (groups + 1) * rows * cols)
         for o0 in range(0, out_dim, cols):
             o1 = min(o0 + cols, out_dim)
-            c = o1 - o0
-            codes = self._codes(o0, o1)  # (c, G, 32)
-            scale = _scratch("s", (c, groups))
-            minimum = _scratch("m", (c, groups))
-            np.copyto(scale, self.scale[o0:o1])
-            np.copyto(minimum, self.minimum[o0:o1])
-            tmp = _scratch("y", (rows, c))
-            if decode:  # y = sum_g s_g * (x_g @ code_g) + sum(x_g) * m_g
-                part = _scratch("p", (groups, rows, c))
-                np.matmul(x_gti, codes.transpose(1, 2, 0), out=part)
-                np.multiply(part, scale.T[:, None, :], out=part)
-                np.matmul(x_sum, minimum.T, out=tmp)
-                tmp2 = _scratch("y2", (rows, c))
-                np.sum(part, axis=0, out=tmp2)
-                np.add(tmp, tmp2, out=out[:, o0:o1])
-            else:  # dequantize the block, one GEMM
-                np.multiply(codes, scale[:, :, None], out=codes)
-                np.add(codes, minimum[:, :, None], out=codes)
-                np.matmul(x, codes.reshape(c, in_dim).T, out=tmp)
-                np.copyto(out[:, o0:o1], tmp)
+            codes = self._codes(flat, o0, o1)  # (c, G, 32)
+            # part[g] = s_g * (x_g @ code_g) for g < G, part[G] = sum(x_g) @ m_g; y = sum
+            part = part_flat[:(groups + 1) * rows * (o1 - o0)].reshape(groups + 1, rows, -1)
+            np.matmul(x_gti, codes.transpose(1, 2, 0), out=part[:groups])
+            np.multiply(part[:groups], scale[:, None, o0:o1], out=part[:groups])
+            np.matmul(x_sum, minimum[:, o0:o1], out=part[groups])
+            np.add.reduce(part, axis=0, out=out[:, o0:o1])
         return out
 
     def columns(self, index) -> np.ndarray:
