@@ -6,6 +6,9 @@
 
     python experiments/bench_train.py --config configs/geb_1_3b.py --config.train.batch_size=4 \
         --config.train.seq_len=4096 --aot        # compiled memory only, on abstract shapes
+    python experiments/bench_train.py --config configs/geb_1_3b.py --config.train.batch_size=4 \
+        --config.train.seq_len=4096 --config.model.attention_impl=pallas_gpu --aot \
+        --interpret_kernels                      # ... of the flash-kernel path, on a CPU
 
 The step is train/program.py's, the object train/loop.py runs (same loss, optimizer chain,
 LoRA split, shardings, donation, logical-axis rules), compiled ahead of time once (compile time
@@ -18,6 +21,7 @@ with FLOPs per token = 6 x non-embedding parameters + 12 x layers x heads x head
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -30,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from geb_jax.model import ModelConfig
+from geb_jax.model import ModelConfig, layers
 from geb_jax.parallel.mesh import check_batch_divides, make_mesh
 from geb_jax.train.metrics_log import peak_flops_per_device
 from geb_jax.train.program import build_step_program, compile_ahead, step_context
@@ -48,6 +52,9 @@ _PEER = flags.DEFINE_enum("peer", "none", ["none", "torch", "torch_compile"],
                           "torch.compile (bfloat16 autocast on CUDA).")
 _AOT = flags.DEFINE_bool("aot", False, "Only compile the step ahead of time on abstract shapes "
                          "and report its memory (no weights allocated, nothing run).")
+_INTERPRET = flags.DEFINE_bool(
+    "interpret_kernels", False, "With --aot: compile a Pallas attention_impl through Pallas' "
+    "interpreter, so a CPU reports the memory of the kernel path (no (B, N, T, T) scores).")
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
@@ -95,6 +102,23 @@ def benchmark(config, steps: int, warmup: int, peak_flops: float = 0.0) -> dict:
         "tokens_per_s": tokens_per_s, "flops_per_token": flops_per_token,
         "mfu": tokens_per_s * flops_per_token / (peak * jax.device_count()) if peak else None,
         "final_loss": loss}
+
+
+@contextlib.contextmanager
+def pallas_interpreted():
+    """The model's attention with Pallas kernels in interpret mode (what tests/
+    test_attention_kernels.py checks against XLA): lets a CPU compile a GPU/TPU kernel path."""
+    original = layers.attend
+
+    def attend(q, k, v, segment_ids, impl="auto", **kwargs):
+        return original(q, k, v, segment_ids, impl, interpret=impl.startswith("pallas"),
+                        **kwargs)
+
+    layers.attend = attend
+    try:
+        yield
+    finally:
+        layers.attend = original
 
 
 def compile_only(config) -> dict:
@@ -187,7 +211,8 @@ def main(argv):
                 host=platform.processor() or platform.machine(),
                 command=" ".join(["python"] + sys.argv))
     if _AOT.value:
-        result = {**compile_only(_CONFIG.value), **info}
+        with pallas_interpreted() if _INTERPRET.value else contextlib.nullcontext():
+            result = {**compile_only(_CONFIG.value), **info}
         memory = result["compiled_memory"]
         print(f"{result['params']:,} params, batch {result['batch_size']} x {result['seq_len']}"
               f" on {result['devices']} x {result['device']} mesh {result['mesh']}, compiled "

@@ -300,3 +300,16 @@ def test_config_takes_every_impl_and_names_them_on_a_typo():
         ModelConfig(**base, attention_impl=impl)
     with pytest.raises(ConfigError, match="pallas_gpu, pallas_tpu"):
         ModelConfig(**base, attention_impl="flash")
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "pallas_gpu", "pallas_tpu"])
+def test_an_explicit_kernel_does_not_change_initialisation(impl):
+    """Parameters are initialised on one token: a kernel that tiles T (or needs a GPU) must not
+    be asked to run there; the parameters and their sharding axes equal the XLA model's."""
+    from geb_jax.model import init_params, param_logical_axes
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=8, d_ff=64, max_seq_len=64, attention_impl=impl)
+    reference = config.replace(attention_impl="xla")
+    got, want = init_params(config, jax.random.key(0)), init_params(reference, jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    assert param_logical_axes(config) == param_logical_axes(reference)

@@ -113,12 +113,18 @@ def default_positions_and_segments(tokens_bt: Array) -> tuple[Array, Array]:
             jnp.ones((b, t), dtype=jnp.int32))
 
 
-def init_params(config: ModelConfig, rng: Array) -> Params:
-    """Float32 parameters, stacked over layers, without the logical-axis boxes."""
+def _init_boxed(config: ModelConfig, rng: Array) -> Params:
+    """Initialised on one token, through the XLA attention: the parameters do not depend on the
+    attention kernel, and a kernel that tiles T would refuse T = 1."""
     tokens = jnp.zeros((1, 1), dtype=jnp.int32)
     positions, segments = default_positions_and_segments(tokens)
-    boxed = Transformer(config).init(rng, tokens, positions, segments)["params"]
-    return nn.unbox(boxed)
+    model = Transformer(config.replace(attention_impl="xla"))
+    return model.init(rng, tokens, positions, segments)["params"]
+
+
+def init_params(config: ModelConfig, rng: Array) -> Params:
+    """Float32 parameters, stacked over layers, without the logical-axis boxes."""
+    return nn.unbox(_init_boxed(config, rng))
 
 
 def abstract_params(config: ModelConfig) -> Params:
@@ -128,11 +134,7 @@ def abstract_params(config: ModelConfig) -> Params:
 
 def param_logical_axes(config: ModelConfig) -> Params:
     """Tree of PartitionSpecs of logical axis names, one per parameter."""
-    tokens = jnp.zeros((1, 1), dtype=jnp.int32)
-    positions, segments = default_positions_and_segments(tokens)
-    boxed = jax.eval_shape(
-        lambda rng: Transformer(config).init(rng, tokens, positions, segments)["params"],
-        jax.random.key(0))
+    boxed = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
     return nn.get_partition_spec(boxed)
 
 
