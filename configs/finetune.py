@@ -11,9 +11,10 @@ the same `data.source=local` path as a user's files; point the stage's data.path
 use your own (docs/finetune.md). Each stage is evaluated on held-out data before its first
 update (eval.at_start, logged as step 0) and at its end: perplexity on the built-in corpus'
 valid split, SFT exact match, DPO preference accuracy, refusal rates on unethical and benign
-requests. On 2 CPU cores the full run's stages took 12 (SFT) and 18 (DPO) minutes, about 3.5 of
-them evaluation on each side of a stage (docs/finetune.md has the measured table;
-experiments/finetune_gain.py runs full and LoRA and writes it).
+requests. On 2 otherwise idle CPU cores the full run's stages took 12 (SFT) and 18 (DPO)
+minutes, about 3.5 of them evaluation on each side of a stage, before DPO stopped repeating
+the SFT stage's final suite at its step 0 (docs/finetune.md has the measured table, full and
+LoRA; experiments/finetune_gain.py runs both and writes it).
 """
 import os
 
