@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import ml_collections
 
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 
 def available_presets(config_dir: str) -> list[str]:

@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from geb_jax.config_loader import check_field_names, load_config
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/<preset>.py[:arg].")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,

@@ -25,7 +25,8 @@ import pytest
 from geb_jax.model import attention
 from geb_jax.model.attention import (attend, attention_mask, cudnn_packed_layout,
                                      resolve_attention_impl)
-from geb_jax.model.config import ATTENTION_IMPLS, ConfigError, ModelConfig
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ATTENTION_IMPLS, ModelConfig
 
 KERNEL_T = {"pallas_gpu": 64, "pallas_tpu": 128}
 BF16_BOUND = 1e-2  # of the output's largest magnitude (module docstring)

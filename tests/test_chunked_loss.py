@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from geb_jax.model import ConfigError, ModelConfig, init_params, make_apply
+from geb_jax.errors import ConfigError
+from geb_jax.model import ModelConfig, init_params, make_apply
 from geb_jax.train.losses import (chunked_token_log_probs, cross_entropy_loss, dpo_loss,
                                   resolve_loss_chunk_size, token_log_probs)
 

@@ -15,7 +15,7 @@ from geb_jax.data.clean import code as code_filters
 from geb_jax.data.clean import dedup, lang, quality, rules
 from geb_jax.data.clean.perplexity import PerplexityFilter, perplexity_filter
 from geb_jax.data.corpus import builtin_documents
-from geb_jax.model import ConfigError
+from geb_jax.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
 # ----------------------------------------------------------------------------- examples

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from geb_jax.config_loader import apply_overrides, load_config
-from geb_jax.model import ConfigError
+from geb_jax.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
 TINY = os.path.join(REPO_ROOT, "configs", "tiny.py")

@@ -22,7 +22,7 @@ from geb_jax.export.hf import hf_state_dict_from_params
 from geb_jax.infer import Engine, Weights
 from geb_jax.infer.gguf_file import GGUFFileError, load_gguf
 from geb_jax.model import ModelConfig, abstract_params, init_params
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from tests import llama_cpp_runner
 
 TOKENIZER_VOCAB = 512

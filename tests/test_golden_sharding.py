@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from tests import golden_sharding as golden
 from tests.conftest import REPO_ROOT
 

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from geb_jax.export import hf  # noqa: E402
-from geb_jax.model import ConfigError, ModelConfig, abstract_params, make_apply  # noqa: E402
+from geb_jax.errors import ConfigError  # noqa: E402
+from geb_jax.model import ModelConfig, abstract_params, make_apply
 
 TOL = 1e-4
 B, T = 2, 16

@@ -19,7 +19,7 @@ import safetensors.numpy
 from geb_jax.config_loader import apply_overrides, load_config
 from geb_jax.model import ModelConfig, abstract_params, make_apply, param_logical_axes
 from geb_jax.model import lora as lora_lib
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from geb_jax.model.lora import LoraConfig
 from tests import numpy_reference
 from tests.test_stages import _first_logged  # one reader of a stage's step-1 metrics

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from geb_jax.config_loader import load_config
-from geb_jax.model import ConfigError, ModelConfig, abstract_params, init_params, make_apply
+from geb_jax.errors import ConfigError
+from geb_jax.model import ModelConfig, abstract_params, init_params, make_apply
 from geb_jax.model.layers import apply_rope, rope_tables
 from tests import numpy_reference
 

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from geb_jax.model import ConfigError, abstract_params
+from geb_jax.errors import ConfigError
+from geb_jax.model import abstract_params
 from geb_jax.train.optimizer import (OptimizerConfig, accumulate_gradients, decay_mask,
                                      learning_rate_at, learning_rate_schedule, make_optimizer)
 

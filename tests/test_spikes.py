@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from geb_jax.config_loader import apply_overrides, load_config
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from geb_jax.train.loop import train
 from geb_jax.train.spikes import inject_fault, parse_batch_numbers, rewind_window
 from geb_jax.train.state import TrainState

@@ -14,7 +14,7 @@ import pytest
 
 from geb_jax.config_loader import apply_overrides, load_config
 from geb_jax.model import ModelConfig, make_apply
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from geb_jax.train import inputs
 from geb_jax.train.losses import cross_entropy_loss
 from geb_jax.train.optimizer import OptimizerConfig, make_optimizer

@@ -63,7 +63,7 @@ def is_published(path: str | os.PathLike | None) -> bool:
 
 
 def _check_exists(path: str) -> None:
-    from geb_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from geb_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
     if not os.path.exists(path):
         raise ConfigError(f"published model {path!r} does not exist: give a .gguf file or a "
@@ -92,7 +92,7 @@ def published_model_config(path: str | os.PathLike, **ours) -> "ModelConfig":
 
 def check_overrides(path: str, file_config: "ModelConfig", run_model: Mapping[str, Any]) -> None:
     """ConfigError naming both values when config.model contradicts the published file."""
-    from geb_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from geb_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
     for field in FIXED_FIELDS:
         ours, theirs = run_model.get(field), getattr(file_config, field)

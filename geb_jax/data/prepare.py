@@ -38,7 +38,7 @@ import ml_collections
 from geb_jax.atomic_io import atomic_file
 from geb_jax.data import bad_input as B
 from geb_jax.data.bad_input import SkipReport
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 
 class PrepareError(ValueError):

@@ -217,7 +217,7 @@ def pretokenized_documents(path: str, split: str, tokenizer: Tokenizer) -> grain
 def main(argv: Iterable[str] | None = None) -> int:
     from geb_jax.config_loader import apply_overrides, load_config
     from geb_jax.data.prepare import _split_overrides
-    from geb_jax.model.config import ConfigError
+    from geb_jax.errors import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from geb_jax.eval.suite import run_suite
     from geb_jax.eval.tasks import TaskFileError
     from geb_jax.infer import ModelFileError
-    from geb_jax.model.config import ConfigError
+    from geb_jax.errors import ConfigError
     try:
         config = EvalConfig(**{f.name: getattr(args, f.name)
                                for f in dataclasses.fields(EvalConfig)})

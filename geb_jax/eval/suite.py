@@ -25,7 +25,7 @@ from geb_jax.eval.preference import preference_accuracy
 from geb_jax.eval.refusal import refusal_rates
 from geb_jax.eval.scorer import LanguageModel
 from geb_jax.eval.tasks import LAYOUTS, STYLES, load_task_file
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 BUILTIN_TASKS = ("perplexity", "sft_exact_match", "dpo_preference", "refusal")
 

@@ -23,7 +23,8 @@ import os
 
 import ml_collections
 
-from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ModelConfig
 
 FORMATS = ("numpy", "onnx", "gguf", "hf")
 

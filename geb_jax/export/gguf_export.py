@@ -44,7 +44,8 @@ from geb_jax.export.hf import hf_state_dict_from_params
 from geb_jax.infer.gguf_file import (ARCHITECTURE, SENTENCEPIECE_MODEL_KEY, TOKENIZER_SHA256_KEY,
                                      gguf_tensor_name, rope_rows_to_interleaved,
                                      tokenizer_sha256_of_writer)
-from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ModelConfig
 
 Q = gguf.GGMLQuantizationType
 # dtype argument -> (ggml type of the matrices, general.file_type)

@@ -19,7 +19,8 @@ import safetensors.numpy
 
 from geb_jax.atomic_io import atomic_folder
 from geb_jax.infer.weights import WeightsError, param_leaf
-from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

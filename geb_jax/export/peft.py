@@ -25,7 +25,8 @@ import numpy as np
 import safetensors.numpy
 
 from geb_jax.atomic_io import atomic_folder
-from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ModelConfig
 from geb_jax.model.lora import A_KEY, B_KEY, LAYERS_KEY, TARGETS, LoraConfig
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ModelConfig
 
 InferConfigError = ConfigError  # the name inference code and its users catch
 

@@ -123,7 +123,7 @@ def _load_npz_dir(path: str) -> tuple[Weights, str]:
 def _load_hf_folder(path: str) -> Weights:
     """A Hugging Face Llama folder (config.json + safetensors) -> float32 Weights."""
     from geb_jax.export.hf import CheckpointError, load_hf_checkpoint  # pylint: disable=import-outside-toplevel
-    from geb_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from geb_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
     try:
         config, params = load_hf_checkpoint(path)
     except (CheckpointError, ConfigError) as e:

@@ -5,12 +5,12 @@ numpy engine in geb_jax/infer) can share `ModelConfig` without importing JAX.
 """
 import importlib
 
-from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.model.config import ModelConfig
 
 _FROM_TRANSFORMER = ("Transformer", "abstract_params", "init_params", "lm_head_weight",
                      "make_apply", "param_logical_axes")
 
-__all__ = ["ConfigError", "ModelConfig", *_FROM_TRANSFORMER]
+__all__ = ["ModelConfig", *_FROM_TRANSFORMER]
 
 
 def __getattr__(name: str):

@@ -31,7 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from geb_jax.model.config import ATTENTION_IMPLS, ConfigError
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ATTENTION_IMPLS
 
 Array = jax.Array
 

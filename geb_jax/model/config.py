@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from geb_jax.errors import ConfigError
+
 REMAT_POLICIES = ("none", "save_dots", "full")
 NORM_POSITIONS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -16,10 +18,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 # dense-mask reference; cudnn: cuDNN flash (Hopper+, bf16/fp16); pallas_gpu: the Pallas Triton
 # kernel; pallas_tpu: splash attention. All are causal within packed documents.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
-
-
-class ConfigError(ValueError):
-    """A user-fixable configuration problem; the message names the field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ import math
 import numbers
 from typing import Any, Mapping
 
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 # target name -> (group under "layers", leaf, number of input dims after the layer axis,
 # Hugging Face module path inside a decoder layer)

@@ -11,7 +11,7 @@ import os
 
 import jax
 
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 _CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from geb_jax.tree_paths import path_name
 
 MESH_AXES = ("data", "fsdp", "tensor")

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 
 from geb_jax.config_loader import load_config
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from geb_jax.sweep import report, runner
 from geb_jax.sweep.spec import load_sweep, read_sweep_file
 

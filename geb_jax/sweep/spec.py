@@ -24,7 +24,7 @@ import ml_collections
 
 from geb_jax.config_loader import apply_overrides, field_names
 from geb_jax.model import ModelConfig
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 MAX_NAME_CHARS = 120
 DERIVED_COLUMNS = ("params", "tokens", "train_flops")  # report columns computed from the config

@@ -16,7 +16,7 @@ from geb_jax.checkpoint import published
 from geb_jax.data.tokenizer_files import load_tokenizer, save_tokenizer
 from geb_jax.data.tokenizer import Tokenizer, builtin_tokenizer
 from geb_jax.model import ModelConfig
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 
 def stage_tokenizer(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Tokenizer:

@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 from geb_jax.tree_paths import key_name, path_names
 
 Array = jax.Array

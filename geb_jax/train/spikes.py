@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 INJECT_KINDS = ("garbage", "nonfinite")
 SPIKE_POLICIES = ("none", "skip", "replace", "rewind")

@@ -12,7 +12,8 @@ import ml_collections
 
 from geb_jax.checkpoint import published
 from geb_jax.eval import EvalConfig
-from geb_jax.model.config import ConfigError, ModelConfig
+from geb_jax.errors import ConfigError
+from geb_jax.model.config import ModelConfig
 from geb_jax.train.optimizer import OptimizerConfig
 from geb_jax.train.spikes import SpikeConfig
 from geb_jax.train.loop import stage_dir, train

@@ -160,7 +160,7 @@ def restore_stage_state(stage_directory: str, model_config: ModelConfig,
     hyperparameter setting, optimizer.py); `lora` must be the stage's (saved_lora_config).
     """
     from geb_jax.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-    from geb_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from geb_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
 
     checkpoints = os.path.join(stage_directory, "checkpoints")
     if not os.path.isdir(checkpoints):

@@ -40,7 +40,7 @@ from geb_jax.data.clean import dedup, lang, quality, rules
 from geb_jax.data.clean._text import nbytes
 from geb_jax.data.clean.perplexity import (PerplexityFilter, PerplexityScorer,
                                            builtin_ngram_scorer, scorer_from_callable)
-from geb_jax.model.config import ConfigError
+from geb_jax.errors import ConfigError
 
 KNOWN_LANGS = ("en", "zh", "code", "other")
 PERPLEXITY_MODELS = ("ngram", "model:<path>")  # model: a finished stage or an exported model
