@@ -187,7 +187,7 @@ def markdown(result: dict) -> str:
                   f"{s['candidates_per_document']:.2f} candidate pairs per document", "",
                   "| true Jaccard | pairs | candidates | confirmed (recall) | predicted |",
                   "| --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| [{b['lo']:.2f}, {b['hi']:.2f}) | {b['pairs']} | {b['candidates']} | "
+        lines += [f"| [{b['lo']:g}, {b['hi']:g}) | {b['pairs']} | {b['candidates']} | "
                   f"{b['confirmed']} ({b['recall']:.1%}) | {b['predicted']:.1%} |"
                   for b in lay["bins"]]
         lines.append("")

@@ -50,7 +50,8 @@ def plot(results: dict, out: str) -> None:
         x = [x["mean_jaccard"] for x in bins]
         y = [x["recall"] for x in bins]
         lo_hi = np.array([wilson(x["confirmed"], x["pairs"]) for x in bins])
-        ax.errorbar(x, y, yerr=[np.array(y) - lo_hi[:, 0], lo_hi[:, 1] - np.array(y)],
+        y_err = np.clip([np.array(y) - lo_hi[:, 0], lo_hi[:, 1] - np.array(y)], 0, None)
+        ax.errorbar(x, y, yerr=y_err,
                     fmt="o", color=color, ms=4, capsize=2)
     ax.axvspan(0.85, 1.0, color="green", alpha=0.06)
     ax.axvspan(0.0, 0.5, color="grey", alpha=0.08)
