@@ -68,9 +68,11 @@ def perturb(text: str, p: float, rng: np.random.Generator) -> str:
     return text
 
 
-def write_corpus(path: str, scale: int, p: float, seed: int = 0) -> tuple[int, int]:
-    """The built-in corpus (train + valid) `scale` times as JSONL; (documents, text bytes)."""
-    docs = list(builtin_documents("train")) + list(builtin_documents("valid"))
+def write_corpus(path: str, scale: int, p: float, seed: int = 0,
+                 limit: int | None = None) -> tuple[int, int]:
+    """The built-in corpus (train + valid; its first `limit` documents) `scale` times as JSONL;
+    (documents, text bytes)."""
+    docs = (list(builtin_documents("train")) + list(builtin_documents("valid")))[:limit]
     rng = np.random.default_rng(seed)
     n_docs = n_bytes = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -235,9 +237,10 @@ def markdown(result: dict) -> str:
 
 
 def run(scales: list[int], minhash_scales: list[int], workers: list[int], beam_args: list[str],
-        perturbation: float, config: str, progress=print) -> dict:
+        perturbation: float, config: str, limit: int | None = None, progress=print) -> dict:
     beam = has_runner()
     result = {"machine": machine(), "perturbation": perturbation, "config": config,
+              "builtin_documents_used": limit or "all",
               "runs": [], "minhash_stage": [],
               "beam_skipped": None if beam else "this checkout's prepare has no --runner "
                                                "(the Beam pipeline is not merged here)"}
@@ -246,7 +249,7 @@ def run(scales: list[int], minhash_scales: list[int], workers: list[int], beam_a
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
         for scale in sorted(set(scales) | set(minhash_scales)):
             corpus = os.path.join(tmp, f"corpus_{scale}x.jsonl")
-            n_docs, n_bytes = write_corpus(corpus, scale, perturbation)
+            n_docs, n_bytes = write_corpus(corpus, scale, perturbation, limit=limit)
             progress(f"{scale}x corpus: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB")
             if scale in minhash_scales:
                 result["minhash_stage"].append({"scale": scale,
@@ -273,6 +276,8 @@ def main(argv=None) -> None:
                         help="more Beam options, e.g. '--direct_running_mode=multi_processing'")
     parser.add_argument("--perturb", type=float, default=0.3)
     parser.add_argument("--config", default="configs/tiny.py")
+    parser.add_argument("--docs", type=int, default=None,
+                        help="use only the first N built-in documents (tests, smoke runs)")
     parser.add_argument("--json", default="docs/benchmarks/bench_prepare.json")
     args = parser.parse_args(argv)
 
@@ -280,7 +285,7 @@ def main(argv=None) -> None:
         return [int(x) for x in s.split(",") if x.strip()]
 
     result = run(ints(args.scales), ints(args.minhash_scales), ints(args.workers),
-                 args.beam_args.split(), args.perturb, args.config,
+                 args.beam_args.split(), args.perturb, args.config, args.docs,
                  progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     result.update(command="python " + " ".join(sys.argv),
                   date=result["machine"]["date"])
