@@ -2,6 +2,7 @@
 
     python experiments/bench_data.py                      # ~4 MB of the built-in corpus
     python experiments/bench_data.py --mb 8 --vocab 32000 --seq-len 4096
+    python experiments/bench_data.py prepare [...]        # the cleaning chain: experiments/bench_prepare.py
 
 The built-in train split is repeated to --mb megabytes and written as one JSONL file; one full
 epoch of packed (batch, seq_len) batches is read with a single read thread and no prefetch, so
@@ -68,6 +69,11 @@ def measure(texts_source, tokenizer, seq_len: int, batch_size: int) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["prepare"]:  # documents/s of data.prepare, single process vs Beam
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_prepare  # pylint: disable=import-outside-toplevel
+        bench_prepare.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=4.0, help="corpus size in MB of text")
     parser.add_argument("--vocab", type=int, default=64_896, help="built-in tokenizer size")

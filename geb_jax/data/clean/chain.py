@@ -36,7 +36,7 @@ import json
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from geb_jax.data.clean import code as code_filters
-from geb_jax.data.clean import dedup, lang, quality, rules
+from geb_jax.data.clean import dedup, lang, lsh, quality, rules
 from geb_jax.data.clean._text import nbytes
 from geb_jax.data.clean.perplexity import (PerplexityFilter, PerplexityScorer,
                                            builtin_ngram_scorer, scorer_from_callable)
@@ -102,8 +102,10 @@ class CleaningConfig:
     dedup_paragraph_min_chars: int = 20
     near_dedup: bool = True
     near_dedup_threshold: float = 0.8
-    near_dedup_num_perm: int = 128
+    near_dedup_num_perm: int = 256  # 256, not 128: see docs/data.md "MinHash near-duplicate ..."
     near_dedup_ngram: int = 5
+    near_dedup_bands: int = 0  # LSH band layout; 0 and 0: chosen on the S-curve (lsh.choose_bands)
+    near_dedup_rows: int = 0
     # perplexity (perplexity.py)
     perplexity: bool = True
     perplexity_model: str = "ngram"  # "ngram": character 3-gram on the built-in train split;
@@ -152,6 +154,26 @@ class CleaningConfig:
         if self.near_dedup_num_perm < 2 or self.near_dedup_ngram < 1:
             raise CleaningConfigError("data.clean.near_dedup_num_perm must be >= 2 and "
                                       "data.clean.near_dedup_ngram >= 1.")
+        if self.near_dedup:
+            self.near_dedup_layout  # noqa: B018 - validates bands / rows before any document
+
+    @functools.cached_property
+    def near_dedup_layout(self) -> tuple[int, int]:
+        """(bands, rows) of the LSH index: the configured pair, or chosen on the S-curve."""
+        b, r, n = self.near_dedup_bands, self.near_dedup_rows, self.near_dedup_num_perm
+        if b < 0 or r < 0 or (b == 0) != (r == 0) or b == 1 or b * r > n:
+            raise CleaningConfigError(
+                f"data.clean.near_dedup_bands={b}, near_dedup_rows={r}: expected both 0 (chosen "
+                f"on the S-curve) or bands >= 2, rows >= 1 with bands * rows <= "
+                f"near_dedup_num_perm={n}.")
+        if b:
+            return b, r
+        try:
+            return lsh.choose_bands(n, self.near_dedup_threshold)
+        except ConfigError as e:
+            raise CleaningConfigError(f"data.clean.near_dedup_threshold="
+                                      f"{self.near_dedup_threshold!r}, near_dedup_num_perm={n}: "
+                                      f"{e}") from None
 
     @property
     def allowed_langs(self) -> tuple[str, ...]:
@@ -272,7 +294,7 @@ def build_steps(config: CleaningConfig, scorer: PerplexityScorer | None = None) 
         else 0))
     add(c.near_dedup, "near_dedup", dedup.NearDuplicateDeduper(
         threshold=c.near_dedup_threshold, num_perm=c.near_dedup_num_perm,
-        ngram=c.near_dedup_ngram))
+        ngram=c.near_dedup_ngram, bands=c.near_dedup_layout[0], rows=c.near_dedup_layout[1]))
     if c.perplexity:
         if scorer is None:
             scorer = perplexity_scorer(c.perplexity_model)

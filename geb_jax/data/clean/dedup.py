@@ -11,11 +11,13 @@
     punctuation/symbols removed, whitespace collapsed. Paragraphs shorter than `min_chars`
     normalised characters are never removed (headings like "Warning" repeat legitimately).
     State: `seen`, a set of 8-byte BLAKE2b digests (8 bytes a paragraph).
-  * `NearDuplicateDeduper`: stateful; MinHash (datasketch, `num_perm` permutations) over
-    shingles - word `ngram`-grams for en/code/other, character `ngram`-grams (whitespace
-    removed) for zh - and a MinHashLSH index at Jaccard `threshold`. A document is dropped when
-    an earlier document (any source) is a candidate and its estimated Jaccard similarity is at
-    least `threshold`; otherwise it is indexed. State: the LSH index and the kept signatures.
+  * `NearDuplicateDeduper`: stateful; MinHash signatures (`num_perm` values, lsh.py, equal to
+    datasketch's) over shingles - word `ngram`-grams for en/code/other, character
+    `ngram`-grams (whitespace removed) for zh - and an LSH index of band keys, the band layout
+    chosen on the S-curve (lsh.choose_bands). A document is dropped when an earlier kept
+    document (any source) shares a band key and its estimated Jaccard similarity is at least
+    `threshold`; otherwise it is indexed. State: the band index and the kept signatures
+    (num_perm * 4 bytes a kept document).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import hashlib
 
 import numpy as np
 
+from geb_jax.data.clean import lsh
 from geb_jax.data.clean._text import (count_words, is_natural_language, normalize,
                                       split_paragraphs, split_sentences)
 
@@ -117,38 +120,49 @@ def shingles(text: str, lang: str | None, n: int = 5) -> set[bytes]:
 
 
 class NearDuplicateDeduper:
-    """MinHash-LSH near-duplicate removal across the whole stream (keeps the first)."""
+    """MinHash-LSH near-duplicate removal across the whole stream (keeps the first).
 
-    def __init__(self, *, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
-                 seed: int = 1):
-        from datasketch import MinHash, MinHashLSH  # imported here: only this step needs it
-        self._MinHash = MinHash
+    The band layout is `lsh.choose_bands(num_perm, threshold)` unless `bands` and `rows` are
+    given; candidates (a shared band key with a kept document) are confirmed by the estimated
+    Jaccard >= `threshold` over all `num_perm` values. Signatures and band keys come from
+    geb_jax/data/clean/lsh.py, as in the Beam pipeline, so both index the same keys; the index
+    is a dict of band key -> kept documents (datasketch's MinHashLSH holds the same buckets but
+    does not expose the keys a GroupByKey needs).
+    """
+
+    def __init__(self, *, threshold: float = 0.8, num_perm: int = 256, ngram: int = 5,
+                 seed: int = 1, bands: int = 0, rows: int = 0):
         self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        template = MinHash(num_perm=num_perm, seed=seed)
-        self._permutations = template.permutations
-        self._scheme = template.scheme
-        self.signatures: dict[str, np.ndarray] = {}
-        self.indexed = 0
+        if bands and rows:
+            if bands * rows > num_perm:
+                raise ValueError(f"bands*rows = {bands * rows} > num_perm = {num_perm}")
+            self.bands, self.rows = bands, rows
+        else:
+            self.bands, self.rows = lsh.choose_bands(num_perm, threshold)
+        self._perms = lsh.permutations(num_perm, seed)
+        self.buckets: dict[bytes, list[int]] = {}
+        self.signatures: list[np.ndarray] = []  # of kept documents, uint32 (values < 2^32)
 
-    def minhash(self, text: str, lang: str | None):
-        m = self._MinHash(num_perm=self.num_perm, permutations=self._permutations,
-                          scheme=self._scheme)
-        m.update_batch(list(shingles(text, lang, self.ngram)))
-        return m
+    def signature(self, text: str, lang: str | None) -> np.ndarray:
+        return lsh.signature(shingles(text, lang, self.ngram), self.num_perm,
+                             perms=self._perms)
 
     def __call__(self, doc: dict) -> dict | None:
         lang = doc.get("lang")
         if lang is None:  # a document the language step did not label: guess the script
             from geb_jax.data.clean.lang import detect_language
             lang = detect_language(doc["text"]).lang
-        m = self.minhash(doc["text"], lang)
-        for key in self.lsh.query(m):
-            if float(np.mean(self.signatures[key] == m.hashvalues)) >= self.threshold:
-                return None
-        key = str(self.indexed)
-        self.indexed += 1
-        self.lsh.insert(key, m)
-        self.signatures[key] = m.hashvalues
+        sig = self.signature(doc["text"], lang).astype(np.uint32)
+        keys = lsh.band_keys(sig, self.bands, self.rows)
+        checked: set[int] = set()
+        for key in keys:
+            for kept in self.buckets.get(key, ()):
+                if kept not in checked:
+                    checked.add(kept)
+                    if lsh.estimated_jaccard(self.signatures[kept], sig) >= self.threshold:
+                        return None
+        index = len(self.signatures)
+        self.signatures.append(sig)
+        for key in keys:
+            self.buckets.setdefault(key, []).append(index)
         return doc
-
