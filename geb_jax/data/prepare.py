@@ -31,6 +31,7 @@ import gzip
 import json
 import os
 import sys
+import zlib
 from typing import Iterator, Sequence
 
 import ml_collections
@@ -110,7 +111,7 @@ def read_file(path: str, skipped: SkipReport,
     """
     try:
         data = _read_bytes(path)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
         skipped.add(B.UNREADABLE, path, str(e))
         return
     if not data.strip():
@@ -357,5 +358,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the imported module's main, so that its error classes are
+    from geb_jax.data.prepare import main as _main  # the ones data/beam/ raises
+    sys.exit(_main())

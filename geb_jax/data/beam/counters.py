@@ -5,11 +5,14 @@ so the report's arithmetic stays in chain.Report and is never written twice.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
+from geb_jax.atomic_io import write_json_atomic
 from geb_jax.data.bad_input import MAX_EXAMPLES, SkipReport
 from geb_jax.data.clean.chain import FilterCounts, Report
 
@@ -18,7 +21,7 @@ STEP_FIELDS = ("filters|", "by_lang|")
 INPUT_FIELDS = ("documents_in", "bytes_in", "lang_in|")
 OUTPUT_FIELDS = ("documents_out", "bytes_out", "lang_out|")
 SKIPPED = "input_skipped|"
-EXAMPLES = "input_examples"
+EXAMPLES = "skipped-{:05d}.json"
 
 
 def bundle_report(steps=()) -> Report:
@@ -32,17 +35,19 @@ def publish(report: Report, fields: tuple[str, ...]) -> None:
             Metrics.counter(NAMESPACE, path).inc(value)
 
 
-def publish_skipped(skipped: SkipReport, file_index: int) -> None:
-    """Bad records of one input file: a counter per reason, its examples in a string set."""
+def publish_skipped(skipped: SkipReport, file_index: int, temp_root: str) -> None:
+    """Bad records of one input file: a counter per reason; its examples go to a small file
+    in the run's temp folder (Beam 2.77's FnApiRunner loses StringSet values across bundles).
+    """
     state = skipped.as_dict()
     for reason, n in state["skipped"].items():
         Metrics.counter(NAMESPACE, SKIPPED + reason).inc(n)
-    examples = Metrics.string_set(NAMESPACE, EXAMPLES)
-    for j, text in enumerate(state["examples"]):
-        examples.add(json.dumps([file_index, j, text]))
+    if state["examples"]:
+        write_json_atomic(os.path.join(temp_root, EXAMPLES.format(file_index)),
+                          state["examples"])
 
 
-def collect(result, steps) -> tuple[Report, SkipReport]:
+def collect(result, steps, temp_root: str) -> tuple[Report, SkipReport]:
     """The finished run's Report and bad-input SkipReport, from its committed metrics."""
     query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counts: dict[str, int] = {}
@@ -51,11 +56,10 @@ def collect(result, steps) -> tuple[Report, SkipReport]:
     skipped = SkipReport()
     for path in [k for k in counts if k.startswith(SKIPPED)]:
         skipped.counts[path[len(SKIPPED):]] += counts.pop(path)
-    examples = set()
-    for s in query.get("string_sets", []):
-        examples |= set(s.result)
-    # the first examples in input order, as the single-process reader keeps them
-    skipped.examples.extend(text for *_, text in sorted(map(json.loads, examples))[:MAX_EXAMPLES])
+    for path in sorted(glob.glob(os.path.join(temp_root, EXAMPLES.format(0).replace(
+            "00000", "*")))):  # the first examples in input order, as the reader keeps them
+        with open(path, encoding="utf-8") as f:
+            skipped.examples.extend(json.load(f)[:MAX_EXAMPLES - len(skipped.examples)])
     report = Report.from_counts(steps, counts)
     report.input_skipped = skipped.as_dict()
     return report, skipped

@@ -80,7 +80,7 @@ def build(p, config, clean: CleaningConfig, paths, split: str, temp_root: str,
     from geb_jax.data.beam.rules import CountDocuments
     from geb_jax.data.beam.writing import WriteGroup, by_group
     max_bytes = config.data.get("max_record_bytes", B.DEFAULT_MAX_RECORD_BYTES)
-    docs = (p | "read" >> ReadInput(paths, split, max_bytes)
+    docs = (p | "read" >> ReadInput(paths, split, max_bytes, temp_root)
             | "count in" >> beam.ParDo(CountDocuments(output=False)))
     for label, stage in stages(clean):
         docs = docs | label >> stage
@@ -114,7 +114,7 @@ def run(config, output: str, paths: Sequence[str] | None, split: str,
               int(shard_mb * 2**20))
         result = p.run()
         result.wait_until_finish()
-        report, skipped = counters.collect(result, step_names(clean))
+        report, skipped = counters.collect(result, step_names(clean), temp_root)
         if paths is not None and report.documents_in == 0:
             raise nothing_usable(paths, skipped)
         writing.commit_documents(temp_root, os.path.join(output, "documents.jsonl.gz"))

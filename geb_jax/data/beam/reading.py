@@ -3,7 +3,7 @@
 The index is (file number << 40) | position in the file, so sorting by it gives exactly the
 single-process reading order and `index >> 40` names the input shard (the output group).
 Each shard is read by prepare.read_file, the single-process reader: bad records are skipped
-and counted the same way, here as counters.
+and counted the same way, here as counters (and a few examples in the temp folder).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def group_of(index: int) -> int:
 class ReadShard(beam.DoFn):
     """(file number, path) -> (index, document) for each usable record of the file."""
 
-    def __init__(self, max_record_bytes: int):
-        self.max_record_bytes = max_record_bytes
+    def __init__(self, max_record_bytes: int, temp_root: str):
+        self.max_record_bytes, self.temp_root = max_record_bytes, temp_root
 
     def process(self, item):
         from geb_jax.data.prepare import read_file
@@ -35,15 +35,16 @@ class ReadShard(beam.DoFn):
         skipped = SkipReport()
         for position, doc in enumerate(read_file(path, skipped, self.max_record_bytes)):
             yield doc_index(file_index, position), doc
-        counters.publish_skipped(skipped, file_index)
+        counters.publish_skipped(skipped, file_index, self.temp_root)
 
 
 class ReadInput(beam.PTransform):
     """Local files (`paths`, in order) or, with paths=None, the built-in corpus `split`."""
 
-    def __init__(self, paths, split: str, max_record_bytes: int):
+    def __init__(self, paths, split: str, max_record_bytes: int, temp_root: str):
         super().__init__()
         self.paths, self.split, self.max_record_bytes = paths, split, max_record_bytes
+        self.temp_root = temp_root
 
     def expand(self, pbegin):
         if self.paths is None:
@@ -52,5 +53,5 @@ class ReadInput(beam.PTransform):
                                         reshuffle=False)
         else:
             docs = (pbegin | beam.Create(list(enumerate(self.paths)))
-                    | beam.Reshuffle() | beam.ParDo(ReadShard(self.max_record_bytes)))
+                    | beam.Reshuffle() | beam.ParDo(ReadShard(self.max_record_bytes, self.temp_root)))
         return docs | "spread" >> beam.Reshuffle()
