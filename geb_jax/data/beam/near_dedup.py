@@ -46,12 +46,21 @@ class _Signature(beam.DoFn):
 
 
 def _exact_group(item):
-    """(signature bytes, indices) -> ("edge", (first, other)) ... and ("rep", (first, sig))."""
+    """(signature bytes, indices) -> ("edge", (first, other)) ... and (first, signature)."""
     key, indices = item
     indices = sorted(indices)
     for other in indices[1:]:
         yield beam.pvalue.TaggedOutput("edge", (indices[0], other))
-    yield indices[0], np.frombuffer(key, dtype=np.uint64)
+    yield indices[0], key  # bytes, not an array: the coders' fast path (and no pickling)
+
+
+def _sig(raw: bytes) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint64)
+
+
+def _band_members(item, bands: int, rows: int):
+    for key in lsh.band_keys(_sig(item[1]), bands, rows):
+        yield key, item
 
 
 class _Bucket(beam.DoFn):
@@ -66,12 +75,13 @@ class _Bucket(beam.DoFn):
         if len(members) < 2:
             return
         band = int.from_bytes(key[:2], "little")
-        keys = [lsh.band_keys(sig, self.bands, self.rows)[:band] for _, sig in members]
+        sigs = [_sig(raw) for _, raw in members]
+        keys = [lsh.band_keys(sig, self.bands, self.rows)[:band] for sig in sigs]
         for a in range(len(members)):
             for b in range(a + 1, len(members)):
                 if any(x == y for x, y in zip(keys[a], keys[b])):
                     continue  # an earlier band's bucket checks this pair
-                if lsh.estimated_jaccard(members[a][1], members[b][1]) >= self.threshold:
+                if lsh.estimated_jaccard(sigs[a], sigs[b]) >= self.threshold:
                     yield members[a][0], members[b][0]
 
 
@@ -116,8 +126,7 @@ class NearDedup(beam.PTransform):
                       "edge", main="rep"))
         bands, rows = self.bands, self.rows
         near = (groups.rep
-                | "band keys" >> beam.FlatMap(lambda kv: ((key, kv) for key in
-                                                          lsh.band_keys(kv[1], bands, rows)))
+                | "band keys" >> beam.FlatMap(_band_members, bands, rows)
                 | "buckets" >> beam.GroupByKey()
                 | "pairs" >> beam.ParDo(_Bucket(self.threshold, bands, rows)))
         roots = ((groups.edge, near) | "edges" >> beam.Flatten()
