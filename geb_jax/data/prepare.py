@@ -19,6 +19,12 @@ geb_jax.data.clean.chain.Report). Each file is written to a temporary name in DI
 into place, so a reader never sees a half-written file and an interrupted run leaves the
 previous output intact.
 
+`--tokens DIR` also pre-tokenizes the kept documents into DIR (the layout of
+geb_jax.data.pretokenize; train with data.source=pretokenized). `--runner=FnApiRunner` (or
+FlinkRunner, DataflowRunner, ...) runs the same chain as an Apache Beam pipeline
+(geb_jax/data/beam/, the [beam] extra) with the same outputs; any other unknown --option then
+goes to Beam. docs/data.md, "At scale".
+
 Config: the `data.clean` section (defaults: geb_jax.data.clean.chain.default_cleaning_config);
 `--config.data.clean.<field>=<value>` overrides a field. A config without a `data.clean`
 section gets the defaults.

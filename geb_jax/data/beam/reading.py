@@ -52,6 +52,7 @@ class ReadInput(beam.PTransform):
             docs = pbegin | beam.Create(list(enumerate(builtin_input(self.split))),
                                         reshuffle=False)
         else:
+            read = ReadShard(self.max_record_bytes, self.temp_root)
             docs = (pbegin | beam.Create(list(enumerate(self.paths)))
-                    | beam.Reshuffle() | beam.ParDo(ReadShard(self.max_record_bytes, self.temp_root)))
+                    | beam.Reshuffle() | beam.ParDo(read))
         return docs | "spread" >> beam.Reshuffle()
