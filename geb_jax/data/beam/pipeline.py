@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import time
 import uuid
 from typing import Sequence
@@ -112,8 +113,14 @@ def run(config, output: str, paths: Sequence[str] | None, split: str,
         p = beam.Pipeline(options=options)
         build(p, config, clean, paths, split, temp_root, tokens_dir is not None,
               int(shard_mb * 2**20))
+        runner = options.get_all_options().get("runner")
+        print(f"beam: running the cleaning pipeline on {runner} (temp {temp_root}); Beam's "
+              f"runner reports progress (a Flink / Dataflow job page lists each stage)",
+              file=sys.stderr, flush=True)
         result = p.run()
         result.wait_until_finish()
+        print(f"beam: pipeline done in {time.time() - start:.0f}s; committing outputs",
+              file=sys.stderr, flush=True)
         report, skipped = counters.collect(result, step_names(clean), temp_root)
         if paths is not None and report.documents_in == 0:
             raise nothing_usable(paths, skipped)
