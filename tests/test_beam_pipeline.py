@@ -226,7 +226,7 @@ def test_cluster_of_three_keeps_lowest_index(tmp_path):
             similar = minhash_jaccard(texts[a], texts[b]) >= 0.8
             assert similar == (texts[a] in copies and texts[b] in copies)
     write_docs(tmp_path / "in.jsonl", texts)
-    cfg = config(*only("near_dedup"))
+    cfg = config(*only("near_dedup", near_dedup_num_perm=128))
     report = P.prepare_beam(cfg, str(tmp_path / "out"), [str(tmp_path / "in.jsonl")], "train",
                             BEAM)
     kept = [d["text"] for d in documents(tmp_path / "out")]
@@ -255,7 +255,7 @@ def test_components_differ_from_stream_on_a_chain(tmp_path):
     """The stated difference: the stream keeps A and C, connected components keep only A."""
     from geb_jax.data.clean import clean
     texts = chain_of_three()
-    overrides = only("near_dedup", near_dedup_threshold=0.63)
+    overrides = only("near_dedup", near_dedup_threshold=0.63, near_dedup_num_perm=128)
     kept, _ = clean([{"text": t, "lang": "en"} for t in texts], config(*overrides).data.clean)
     assert [d["text"] for d in kept] == [texts[0], texts[2]]
     write_docs(tmp_path / "in.jsonl", texts)

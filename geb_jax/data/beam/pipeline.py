@@ -34,7 +34,8 @@ def check_supported(config: CleaningConfig) -> None:
 def near_dedup_stage(config: CleaningConfig, deduper):
     from geb_jax.data.beam.near_dedup import NearDedup
     from geb_jax.data.clean import lsh
-    bands, rows = (getattr(config, "near_dedup_bands", 0), getattr(config, "near_dedup_rows", 0))
+    # the stream deduper's own layout where it has one (issue16-lsh), else the S-curve choice
+    bands, rows = getattr(deduper, "bands", 0), getattr(deduper, "rows", 0)
     if not (bands and rows):
         bands, rows = lsh.choose_bands(deduper.num_perm, deduper.threshold)
     return NearDedup(threshold=deduper.threshold, num_perm=deduper.num_perm,

@@ -15,6 +15,7 @@ docs/data.md "MinHash near-duplicate removal" for the measured recall and precis
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -36,24 +37,32 @@ def collision_probability(s, bands: int, rows: int):
     return 1.0 - (1.0 - s ** rows) ** bands
 
 
-def detection_probability(s: float, bands: int, rows: int, num_perm: int,
-                          threshold: float) -> float:
+def detection_probability(s, bands: int, rows: int, num_perm: int, threshold: float):
     """P(a pair at Jaccard `s` is a candidate AND its estimated Jaccard >= `threshold`).
 
     Exact under the MinHash model (each of the `num_perm` values agrees independently with
     probability s): X ~ Binomial(num_perm, s) values agree, at uniformly random positions; the
-    bands use the first bands*rows positions. P(no band all-equal | X = x) by
-    inclusion-exclusion over bands, in integers: sum_k (-1)^k C(b,k) C(n-kr, x-kr) / C(n,x).
+    bands use the first bands*rows positions. Vectorised over `s`.
     """
-    n, b, r = num_perm, bands, rows
-    need = math.ceil(threshold * n - 1e-9)  # smallest count with count / n >= threshold
-    total = 0.0
-    for x in range(max(need, 0), n + 1):
-        none_full = sum((-1) ** k * math.comb(b, k) * math.comb(n - k * r, x - k * r)
-                        for k in range(0, b + 1) if x - k * r >= 0)
-        p_band = 1.0 - none_full / math.comb(n, x)
-        total += math.comb(n, x) * s ** x * (1.0 - s) ** (n - x) * p_band
-    return total
+    from scipy.stats import binom  # only the studies need it
+
+    need = math.ceil(threshold * num_perm - 1e-9)  # smallest count with count/n >= threshold
+    x = np.arange(max(need, 0), num_perm + 1)
+    hit = np.array([band_hit_given_agreements(num_perm, bands, rows, int(k)) for k in x])
+    s = np.asarray(s, dtype=np.float64)
+    return (binom.pmf(x, num_perm, s[..., None]) * hit).sum(axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def band_hit_given_agreements(num_perm: int, bands: int, rows: int, x: int) -> float:
+    """P(some band is all-equal | x of the num_perm values agree, at random positions).
+
+    Inclusion-exclusion over bands, in exact integers:
+    P(no band full) = sum_k (-1)^k C(b, k) C(n - k r, x - k r) / C(n, x).
+    """
+    none_full = sum((-1) ** k * math.comb(bands, k) * math.comb(num_perm - k * rows, x - k * rows)
+                    for k in range(bands + 1) if x - k * rows >= 0)
+    return 1.0 - none_full / math.comb(num_perm, x)
 
 
 def choose_bands(num_perm: int, threshold: float, *, high: float | None = None,
