@@ -19,6 +19,12 @@ geb_jax.data.clean.chain.Report). Each file is written to a temporary name in DI
 into place, so a reader never sees a half-written file and an interrupted run leaves the
 previous output intact.
 
+`--tokens DIR` also pre-tokenizes the kept documents into DIR (the layout of
+geb_jax.data.pretokenize; train with data.source=pretokenized). `--runner=FnApiRunner` (or
+FlinkRunner, DataflowRunner, ...) runs the same chain as an Apache Beam pipeline
+(geb_jax/data/beam/, the [beam] extra) with the same outputs; any other unknown --option then
+goes to Beam. docs/data.md, "At scale".
+
 Config: the `data.clean` section (defaults: geb_jax.data.clean.chain.default_cleaning_config);
 `--config.data.clean.<field>=<value>` overrides a field. A config without a `data.clean`
 section gets the defaults.
@@ -31,13 +37,14 @@ import gzip
 import json
 import os
 import sys
+import zlib
 from typing import Iterator, Sequence
 
 import ml_collections
 
 from geb_jax.atomic_io import atomic_file
 from geb_jax.data import bad_input as B
-from geb_jax.data.bad_input import SkipReport
+from geb_jax.data.bad_input import SkipReport, SourceError
 from geb_jax.errors import ConfigError
 
 
@@ -101,6 +108,41 @@ def _jsonl_documents(path: str, data: bytes, skipped: SkipReport, max_bytes: int
             yield doc
 
 
+def read_file(path: str, skipped: SkipReport,
+              max_record_bytes: int = B.DEFAULT_MAX_RECORD_BYTES) -> Iterator[dict]:
+    """Documents of one local .jsonl[.gz] / .txt[.gz] file; bad input is counted in `skipped`.
+
+    One file at a time, so the Beam pipeline (geb_jax/data/beam/) reads its input shards in
+    parallel with exactly the single-process reader.
+    """
+    try:
+        data = _read_bytes(path)
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip stream
+        skipped.add(B.UNREADABLE, path, str(e))
+        return
+    if not data.strip():
+        skipped.add(B.EMPTY_FILE, path)
+        return
+    if path.endswith((".txt", ".txt.gz")):
+        if len(data) > max_record_bytes:
+            skipped.add(B.TOO_LARGE, path, f"{len(data):,} bytes")
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skipped.add(B.INVALID_UTF8, path, f"byte {e.start}")
+            return
+        yield {"text": text, "source": os.path.basename(path).split(".")[0]}
+        return
+    yield from _jsonl_documents(path, data, skipped, max_record_bytes)
+
+
+def nothing_usable(paths: Sequence[str], skipped: SkipReport) -> PrepareError:
+    """The one error for input with no usable document (names the files and why)."""
+    return PrepareError(f"nothing usable in --input ({', '.join(paths[:3])}"
+                        f"{', ...' if len(paths) > 3 else ''}): {skipped.summary()}.")
+
+
 def read_files(paths: Sequence[str], skipped: SkipReport | None = None,
                max_record_bytes: int = B.DEFAULT_MAX_RECORD_BYTES) -> Iterator[dict]:
     """Documents of local .jsonl[.gz] / .txt[.gz] files, in the given order.
@@ -112,32 +154,11 @@ def read_files(paths: Sequence[str], skipped: SkipReport | None = None,
     skipped = skipped if skipped is not None else SkipReport()
     produced = 0
     for path in paths:
-        try:
-            data = _read_bytes(path)
-        except (OSError, EOFError) as e:
-            skipped.add(B.UNREADABLE, path, str(e))
-            continue
-        if not data.strip():
-            skipped.add(B.EMPTY_FILE, path)
-            continue
-        if path.endswith((".txt", ".txt.gz")):
-            if len(data) > max_record_bytes:
-                skipped.add(B.TOO_LARGE, path, f"{len(data):,} bytes")
-                continue
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                skipped.add(B.INVALID_UTF8, path, f"byte {e.start}")
-                continue
-            produced += 1
-            yield {"text": text, "source": os.path.basename(path).split(".")[0]}
-            continue
-        for doc in _jsonl_documents(path, data, skipped, max_record_bytes):
+        for doc in read_file(path, skipped, max_record_bytes):
             produced += 1
             yield doc
     if not produced:
-        raise PrepareError(f"nothing usable in --input ({', '.join(paths[:3])}"
-                           f"{', ...' if len(paths) > 3 else ''}): {skipped.summary()}.")
+        raise nothing_usable(paths, skipped)
 
 
 def builtin_input(split: str) -> Iterator[dict]:
@@ -207,7 +228,8 @@ def parse_args(argv: Sequence[str]):
         prog="python -m geb_jax.data.prepare",
         description="Clean a corpus (GEB/LLaMA-style chain) and write documents.jsonl.gz, "
                     "report.md and report.json. Override config fields with "
-                    "--config.data.clean.<field>=<value>.")
+                    "--config.data.clean.<field>=<value>. With --runner the same chain runs "
+                    "as an Apache Beam pipeline; other --options then go to Beam.")
     parser.add_argument("--config", required=True, help="configs/<preset>.py[:arg]")
     parser.add_argument("--input", action="append", default=[],
                         help="a .jsonl[.gz] / .txt[.gz] file or glob (repeatable); default: "
@@ -215,33 +237,66 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--split", default="train", choices=("train", "valid", "all"),
                         help="built-in corpus split (data.source=builtin, no --input)")
     parser.add_argument("--output", required=True, help="output directory (created)")
+    parser.add_argument("--tokens", default=None,
+                        help="also pre-tokenize the kept documents into this folder (the "
+                             "layout of geb_jax.data.pretokenize: train with "
+                             "data.source=pretokenized, data.path=FOLDER)")
+    parser.add_argument("--shard-mb", type=float, default=256.0,
+                        help="with --tokens: start a new array_record shard after this many MB")
+    parser.add_argument("--runner", default=None,
+                        help="an Apache Beam runner (FnApiRunner locally; FlinkRunner, "
+                             "DataflowRunner, ...): run the chain as a Beam pipeline; needs "
+                             'pip install -e ".[beam]". Default: one Python process')
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     rest, overrides = _split_overrides(argv)
-    return parser.parse_args(rest), overrides
+    args, beam_args = parser.parse_known_args(rest)
+    if beam_args and args.runner is None:
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options "
+                     f"need --runner)")
+    if args.tokens and args.split == "all":
+        parser.error("--tokens writes one split: use --split train or --split valid")
+    args.beam_args = [f"--runner={args.runner}", *beam_args] if args.runner else []
+    return args, overrides
+
+
+def open_input(config: ml_collections.ConfigDict, inputs: Sequence[str], split: str,
+               skipped: SkipReport):
+    """(paths or None for the built-in corpus, documents, how many or None)."""
+    if inputs:
+        paths = resolve_inputs(inputs)
+        max_bytes = config.data.get("max_record_bytes", B.DEFAULT_MAX_RECORD_BYTES)
+        return paths, read_files(paths, skipped, max_bytes), None
+    source = config.data.get("source", "builtin")
+    if source != "builtin":
+        raise PrepareError(f"config.data.source={source!r} is not readable by prepare; "
+                           f"use data.source='builtin' or pass --input GLOB.")
+    return None, builtin_input(split), count_builtin(split)
+
+
+def write_reports(output: str, report) -> None:
+    with atomic_file(os.path.join(output, "report.json"), "w", encoding="utf-8") as f:
+        f.write(report.to_json() + "\n")
+    with atomic_file(os.path.join(output, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report.to_markdown())
+
+
+def _check_output(output: str) -> None:
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise PrepareError(f"--output {output!r} exists and is not a directory.")
 
 
 def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str] = (),
-            split: str = "train", progress: bool = True):
-    """Runs the chain and writes the outputs; returns the Report."""
+            split: str = "train", progress: bool = True, tokens: str | None = None,
+            shard_mb: float = 256.0):
+    """Runs the chain in this process and writes the outputs; returns the Report."""
     import tqdm
 
     from geb_jax.data.clean import clean
 
     skipped = SkipReport()
-    if inputs:
-        paths = resolve_inputs(inputs)
-        max_bytes = config.data.get("max_record_bytes", B.DEFAULT_MAX_RECORD_BYTES)
-        documents, total = read_files(paths, skipped, max_bytes), None
-    else:
-        source = config.data.get("source", "builtin")
-        if source != "builtin":
-            raise PrepareError(f"config.data.source={source!r} is not readable by prepare; "
-                               f"use data.source='builtin' or pass --input GLOB.")
-        documents, total = builtin_input(split), count_builtin(split)
-    if os.path.exists(output) and not os.path.isdir(output):
-        raise PrepareError(f"--output {output!r} exists and is not a directory.")
+    paths, documents, total = open_input(config, inputs, split, skipped)
+    _check_output(output)
     os.makedirs(output, exist_ok=True)
-
     bar = None
 
     def counted():  # the bar counts documents read (the chain's input)
@@ -252,16 +307,37 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
     docs, report = clean(counted(), config.data.clean)  # config errors raise here
     bar = tqdm.tqdm(total=total, unit="doc", desc="cleaning", disable=not progress,
                     dynamic_ncols=True)  # created after the perplexity model is trained
+    kept = [] if tokens else None
+
+    def keep(stream):
+        for doc in stream:
+            if kept is not None:
+                kept.append(doc)
+            yield doc
     try:
-        write_documents(os.path.join(output, "documents.jsonl.gz"), docs)
+        write_documents(os.path.join(output, "documents.jsonl.gz"), keep(docs))
     finally:
         bar.close()
     report.input_skipped = skipped.as_dict()
-    with atomic_file(os.path.join(output, "report.json"), "w", encoding="utf-8") as f:
-        f.write(report.to_json() + "\n")
-    with atomic_file(os.path.join(output, "report.md"), "w", encoding="utf-8") as f:
-        f.write(report.to_markdown())
+    if tokens:
+        from geb_jax.data import pretokenize
+        pretokenize.write_documents_tokens(
+            tokens, kept, pretokenize.run_tokenizer(config), config.data,
+            "train" if paths is not None else split, shard_mb=shard_mb, progress=progress)
+    write_reports(output, report)
     return report
+
+
+def prepare_beam(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str],
+                 split: str, beam_args: Sequence[str], tokens: str | None = None,
+                 shard_mb: float = 256.0):
+    """The same chain and outputs as `prepare`, as an Apache Beam pipeline (data/beam/)."""
+    from geb_jax.data.beam import require_beam
+    require_beam()  # one error line before any work when apache-beam is missing
+    from geb_jax.data.beam.pipeline import run
+    paths, _, _ = open_input(config, inputs, split, SkipReport())
+    _check_output(output)
+    return run(config, output, paths, split, beam_args, tokens, shard_mb)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,18 +345,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, overrides = parse_args(argv)
         config = load_prepare_config(args.config, overrides)
-        report = prepare(config, args.output, args.input, args.split,
-                         progress=not args.no_progress)
-    except (ConfigError, PrepareError, OSError) as e:
+        if args.runner:
+            report = prepare_beam(config, args.output, args.input, args.split,
+                                  args.beam_args, args.tokens, args.shard_mb)
+        else:
+            report = prepare(config, args.output, args.input, args.split,
+                             progress=not args.no_progress, tokens=args.tokens,
+                             shard_mb=args.shard_mb)
+    except (ConfigError, PrepareError, SourceError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.to_markdown())
     print(f"kept {report.documents_out:,} of {report.documents_in:,} documents "
           f"({report.bytes_out:,} of {report.bytes_in:,} bytes) -> "
           f"{os.path.join(args.output, 'documents.jsonl.gz')}; report: "
-          f"{os.path.join(args.output, 'report.md')}")
+          f"{os.path.join(args.output, 'report.md')}"
+          + (f"; tokens: {args.tokens}" if args.tokens else ""))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the imported module's main, so that its error classes are
+    from geb_jax.data.prepare import main as _main  # the ones data/beam/ raises
+    sys.exit(_main())

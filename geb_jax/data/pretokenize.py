@@ -113,6 +113,37 @@ def write_split(documents, tokenizer: Tokenizer, folder: str, split: str, *,
     return {"documents": n, "tokens": tokens, "empty": empty, "shards": shards}
 
 
+def manifest_header(tokenizer: Tokenizer, data) -> dict:
+    """The manifest before its splits: format, tokenizer fingerprint, the data config."""
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": DTYPE, "bos_eos": True,
+                "tokenizer": {"sha256": fingerprint(tokenizer),
+                              "vocab_size": tokenizer.vocab_size, "path": tokenizer.path},
+                "data": data.to_dict() if hasattr(data, "to_dict") else dict(data),
+                "splits": {}}
+    manifest["data"].pop("clean", None)
+    return manifest
+
+
+def write_documents_tokens(out: str, documents: Sequence, tokenizer: Tokenizer, data,
+                           split: str, *, shard_mb: float = DEFAULT_SHARD_MB,
+                           progress: bool = True) -> dict:
+    """Tokenizes already-cleaned `documents` as `split` of a new folder `out` (atomically).
+
+    What `prepare --tokens` writes after the single-process chain; the Beam pipeline writes
+    the same layout (geb_jax/data/beam/writing.py).
+    """
+    manifest = manifest_header(tokenizer, data)
+    start = time.time()
+    with atomic_folder(out) as tmp:
+        manifest["splits"][split] = write_split(documents, tokenizer, tmp, split,
+                                                shard_bytes=int(shard_mb * 2**20),
+                                                progress=progress)
+        manifest["seconds"] = round(time.time() - start, 3)
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+    return manifest
+
+
 def run_tokenizer(config) -> Tokenizer:
     """The tokenizer a training run of `config` uses (as train/inputs.stage_tokenizer)."""
     if config.data.get("tokenizer", "builtin") == "builtin":
@@ -134,13 +165,7 @@ def pretokenize(config, out: str, splits: Sequence[str] = ("train", "valid"), *,
             f"source='pretokenized', path=<folder>")
     if os.path.exists(out) and not os.path.isdir(out):
         raise PretokenizedError(f"--out {out!r} exists and is not a folder")
-    manifest = {"format": FORMAT, "version": VERSION, "dtype": DTYPE, "bos_eos": True,
-                "tokenizer": {"sha256": fingerprint(tokenizer),
-                              "vocab_size": tokenizer.vocab_size, "path": tokenizer.path},
-                "data": config.data.to_dict() if hasattr(config.data, "to_dict")
-                else dict(config.data),
-                "splits": {}}
-    manifest["data"].pop("clean", None)
+    manifest = manifest_header(tokenizer, config.data)
     start = time.time()
     with atomic_folder(out) as tmp:
         for split in splits:

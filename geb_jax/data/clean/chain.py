@@ -363,6 +363,48 @@ class Report:
         entry[0] += 1
         entry[1] += n
 
+    def counts(self) -> dict[str, int]:
+        """The report's non-zero numbers by path ("filters|html|dropped", "lang_in|en|0", ...).
+
+        Sums of these over parts of the input are the whole input's numbers, so a distributed
+        run (geb_jax/data/beam/) adds them as counters and rebuilds with `from_counts`.
+        """
+        out: dict[str, int] = {}
+        for name in ("documents_in", "bytes_in", "documents_out", "bytes_out"):
+            out[name] = getattr(self, name)
+        for name, c in self.filters.items():
+            out.update({f"filters|{name}|{k}": v for k, v in dataclasses.asdict(c).items()})
+        for lg, per in self.by_lang.items():
+            for name, c in per.items():
+                out.update({f"by_lang|{lg}|{name}|{k}": v
+                            for k, v in dataclasses.asdict(c).items()})
+        for field in ("lang_in", "lang_out"):
+            for lg, (docs, n) in getattr(self, field).items():
+                out.update({f"{field}|{lg}|0": docs, f"{field}|{lg}|1": n})
+        return {k: v for k, v in out.items() if v}
+
+    @classmethod
+    def from_counts(cls, steps: Iterable[str], counts: Mapping[str, int]) -> "Report":
+        """The finished report of `counts()` summed over parts; `steps` in chain order."""
+        report = cls(filters={name: FilterCounts() for name in steps}, finished=True)
+        for path, value in counts.items():
+            head, *rest = path.split("|")
+            if not rest:
+                setattr(report, head, getattr(report, head) + value)
+            elif head == "filters":
+                counts_ = report.filters.setdefault(rest[0], FilterCounts())
+                setattr(counts_, rest[1], getattr(counts_, rest[1]) + value)
+            elif head == "by_lang":
+                counts_ = report.by_lang.setdefault(rest[0], {}).setdefault(rest[1],
+                                                                            FilterCounts())
+                setattr(counts_, rest[2], getattr(counts_, rest[2]) + value)
+            else:  # lang_in / lang_out
+                getattr(report, head).setdefault(rest[0], [0, 0])[int(rest[1])] += value
+        order = list(report.filters)  # per-language rows in chain order
+        report.by_lang = {lg: dict(sorted(per.items(), key=lambda kv: order.index(kv[0])))
+                          for lg, per in report.by_lang.items()}
+        return report
+
     @property
     def dropped(self) -> int:
         return sum(c.dropped for c in self.filters.values())
