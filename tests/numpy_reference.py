@@ -10,20 +10,31 @@ def rms_norm(x, scale, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
-def rope(x_tnh, positions, theta):
-    """Rotate pairs (i, i + H/2) by angle position * theta^(-2i/H)."""
+def _rotate_pairs(x_tnh, positions, theta, pair):
+    """Rotate the pairs pair(i, H) = (a, b) by angle position * theta^(-2i/H), i < H/2."""
     t, n, h = x_tnh.shape
     out = np.empty_like(x_tnh)
     for i in range(h // 2):
-        angle = positions * theta ** (-2.0 * i / h)  # (T,)
+        angle = np.asarray(positions, np.float64) * theta ** (-2.0 * i / h)  # (T,)
         c, s = np.cos(angle)[:, None], np.sin(angle)[:, None]
-        a, b = x_tnh[:, :, i], x_tnh[:, :, i + h // 2]
-        out[:, :, i] = a * c - b * s
-        out[:, :, i + h // 2] = b * c + a * s
+        a, b = pair(i, h)
+        out[:, :, a] = x_tnh[:, :, a] * c - x_tnh[:, :, b] * s
+        out[:, :, b] = x_tnh[:, :, b] * c + x_tnh[:, :, a] * s
     return out
 
 
-def attention_one_row(x_td, layer, cfg, positions, segments):
+def rope(x_tnh, positions, theta):
+    """Hugging Face's rotate-half layout (geb_jax's): pairs (i, i + H/2)."""
+    return _rotate_pairs(x_tnh, positions, theta, lambda i, h: (i, i + h // 2))
+
+
+def interleaved_rope(x_tnh, positions, theta):
+    """Meta's / llama.cpp's interleaved layout: pairs (2i, 2i + 1). The wrong layout for
+    geb_jax's weights; tests use it to show how far a layout mix-up moves the logits."""
+    return _rotate_pairs(x_tnh, positions, theta, lambda i, h: (2 * i, 2 * i + 1))
+
+
+def attention_one_row(x_td, layer, cfg, positions, segments, rope=rope):
     q = np.einsum("td,dnh->tnh", x_td, layer["q"])
     k = np.einsum("td,dkh->tkh", x_td, layer["k"])
     v = np.einsum("td,dkh->tkh", x_td, layer["v"])
@@ -47,8 +58,8 @@ def swiglu(x, layer):
     return ((gate / (1.0 + np.exp(-gate))) * (x @ layer["up"])) @ layer["down"]
 
 
-def forward(params, cfg, tokens_bt, positions_bt, segments_bt):
-    """float64 logits (B, T, V)."""
+def forward(params, cfg, tokens_bt, positions_bt, segments_bt, rope=rope):
+    """float64 logits (B, T, V); `rope` picks the layout (rope or interleaved_rope)."""
     p = {k: v for k, v in params.items()}
     to64 = lambda a: np.asarray(a, dtype=np.float64)
     logits = []
@@ -60,10 +71,12 @@ def forward(params, cfg, tokens_bt, positions_bt, segments_bt):
             n2 = to64(p["layers"]["mlp_norm"]["scale"][l])
             pos, seg = np.asarray(positions_bt[row], np.float64), np.asarray(segments_bt[row])
             if cfg.norm_position == "pre":
-                x = x + attention_one_row(rms_norm(x, n1, cfg.norm_eps), layer, cfg, pos, seg)
+                x = x + attention_one_row(rms_norm(x, n1, cfg.norm_eps), layer, cfg, pos, seg,
+                                           rope)
                 x = x + swiglu(rms_norm(x, n2, cfg.norm_eps), layer)
             else:
-                x = rms_norm(x + attention_one_row(x, layer, cfg, pos, seg), n1, cfg.norm_eps)
+                x = rms_norm(x + attention_one_row(x, layer, cfg, pos, seg, rope), n1,
+                             cfg.norm_eps)
                 x = rms_norm(x + swiglu(x, layer), n2, cfg.norm_eps)
         x = rms_norm(x, to64(p["final_norm"]["scale"]), cfg.norm_eps)
         head = to64(p["embedding"]).T if cfg.tie_embeddings else to64(p["lm_head"])

@@ -8,9 +8,23 @@ import pytest
 
 from geb_jax.config_loader import load_config
 from geb_jax.errors import ConfigError
-from geb_jax.model import ModelConfig, abstract_params, init_params, make_apply
-from geb_jax.model.layers import apply_rope, rope_tables
+from geb_jax.model import ModelConfig, abstract_params, init_params, layers, make_apply
 from tests import numpy_reference
+
+TOL = 1e-4  # float32 model vs float64 reference, on logits of order 1
+
+
+def _random_params(config, std, seed=0):
+    """N(0, std) weights in the model's tree (abstract_params: no flax init run), norm scales
+    1 + N(0, 0.3) so that the norms' weights matter too."""
+    rng = np.random.default_rng(seed)
+
+    def one(path, x):
+        if "norm" in jax.tree_util.keystr(path):
+            return (1.0 + 0.3 * rng.standard_normal(x.shape)).astype(np.float32)
+        return rng.normal(0.0, std, x.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(one, abstract_params(config))
 
 
 def _randomized_params(config, seed=0):
@@ -35,13 +49,20 @@ def _packed_row(doc_lengths, vocab, seed=0):
     {"norm_position": "post"}, {"rope_theta": 500000.0, "norm_eps": 1e-6},
 ])
 def test_logits_match_float64_numpy_reference(tiny_config, changes):
+    """Weights of std 0.1, not the 0.02 init: at 0.02 attention is nearly uniform and a wrong
+    RoPE layout (Meta's / llama.cpp's interleaved pairs instead of Hugging Face's rotate-half)
+    moved the logits by only ~20x TOL; here by ~1e4x. The test checks its own margin: the
+    reference with the wrong layout must miss by >= 100x TOL."""
     config = tiny_config.replace(**changes)
-    params = _randomized_params(config)
+    params = _random_params(config, std=0.1)
     tokens, positions, segments = _packed_row([5, 7, 4], config.vocab_size)
     ours = jax.jit(make_apply(config))(params, jnp.asarray(tokens), jnp.asarray(positions),
                               jnp.asarray(segments))
-    ref = numpy_reference.forward(jax.device_get(params), config, tokens, positions, segments)
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+    ref = numpy_reference.forward(params, config, tokens, positions, segments)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
+    wrong_layout = numpy_reference.forward(params, config, tokens, positions, segments,
+                                           rope=numpy_reference.interleaved_rope)
+    assert np.max(np.abs(wrong_layout - ref)) >= 100 * TOL
 
 
 def test_packed_documents_equal_each_document_alone(tiny_config):
@@ -87,18 +108,42 @@ def test_scan_and_remat_switches_keep_logits_and_gradients(tiny_config, changes)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new_grads, base_grads)
 
 
-def test_bfloat16_compute_keeps_rope_positions_distinct():
-    """bf16 cannot represent 2049; float32 RoPE must still tell positions 2048 and 2049 apart."""
-    cos, sin = rope_tables(jnp.array([[2048, 2049]]), head_dim=8, theta=10000.0)
-    assert cos.dtype == jnp.float32
-    x = jnp.ones((1, 2, 1, 8), jnp.bfloat16)
-    rotated = apply_rope(x, cos, sin)
-    assert rotated.dtype == jnp.bfloat16
-    expected_angle_diff = 1.0  # the fastest frequency rotates by exactly 1 radian per position
-    a0 = np.arctan2(float(sin[0, 0, 0]), float(cos[0, 0, 0]))
-    a1 = np.arctan2(float(sin[0, 1, 0]), float(cos[0, 1, 0]))
-    np.testing.assert_allclose(np.angle(np.exp(1j * (a1 - a0))), expected_angle_diff, atol=1e-3)
-    assert not np.array_equal(np.asarray(rotated[0, 0], np.float32), np.asarray(rotated[0, 1], np.float32))
+def test_bfloat16_model_rotates_large_positions_like_float64(tiny_config, monkeypatch):
+    """bfloat16 holds integers exactly only up to 256 (2049 -> 2048, 4085 -> 4080): a model
+    that cast its positions, or the angles, to the compute dtype would turn many tokens by
+    the same angle. The whole bfloat16 model runs on int32 positions (what the pipeline
+    feeds) up to 4095; every q and k leaving RoPE must equal a float64 rotation of the q and k
+    entering it, to bfloat16's rounding of the output. The test checks its own margin: the
+    same rotation at bfloat16-rounded positions must miss by >= 100x the tolerance."""
+    config = tiny_config.replace(dtype="bfloat16", max_seq_len=4096)
+    positions = np.concatenate([np.arange(2040, 2056), np.arange(4080, 4096)])[None]
+    segments = np.repeat([1, 2], 16)[None]
+    tokens = np.random.default_rng(5).integers(0, config.vocab_size, (1, 32))
+    seen = []  # (input, output) of every apply_rope call: q and k of each layer
+
+    def recording_rope(x_btnh, cos_bth, sin_bth):
+        out_btnh = real_rope(x_btnh, cos_bth, sin_bth)
+        jax.debug.callback(lambda x, out: seen.append((np.asarray(x), np.asarray(out))),
+                           x_btnh, out_btnh)
+        return out_btnh
+
+    real_rope = layers.apply_rope
+    monkeypatch.setattr(layers, "apply_rope", recording_rope)
+    jax.jit(make_apply(config))(_random_params(config, std=0.1), *(
+        jnp.asarray(a, jnp.int32) for a in (tokens, positions, segments))).block_until_ready()
+    assert len(seen) == 2 * config.n_layers
+    rounded = np.asarray(jnp.asarray(positions[0], jnp.bfloat16), np.float64)
+    assert len(set(rounded)) < len(set(positions[0])) / 2  # what bfloat16 positions would lose
+    for x, out in seen:
+        assert x.dtype == out.dtype == jnp.bfloat16  # RoPE really ran in the bfloat16 model
+        x_tnh = x[0].astype(np.float64)
+        expected = numpy_reference.rope(x_tnh, positions[0], config.rope_theta)
+        # one rounding of the output to bfloat16 (<= 2^-8 relative), plus float32 angles at
+        # position 4095 (~2.5e-4 rad), with headroom: 1.5 x 2^-8 of the largest value
+        tol = 1.5 * 2.0 ** -8 * np.max(np.abs(expected))
+        np.testing.assert_allclose(out[0].astype(np.float64), expected, atol=tol, rtol=0)
+        wrong = numpy_reference.rope(x_tnh, rounded, config.rope_theta)
+        assert np.max(np.abs(wrong - expected)) >= 100 * tol
 
 
 def test_bfloat16_model_runs_and_is_close_to_float32(tiny_config):
