@@ -129,8 +129,8 @@ def _parse_value(raw: str | None, current: Any, kind: type) -> Any:
         return raw.lower() in ("true", "1")
     if raw is None:
         raise ValueError("needs a value (--config.field=value)")
-    if raw.lower() in ("none", "null") and (current is None or kind is type(None)):
-        return None
+    if raw.lower() in ("none", "null") and kind is not str:
+        return None  # unsets a field; its typed section says if it may be unset
     if kind in (int, float):
         return float(raw) if kind is float else int(raw)
     if kind is str or kind is type(None):

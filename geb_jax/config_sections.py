@@ -29,6 +29,7 @@ class Section:
     """Mixin for a frozen dataclass built from one ConfigDict section."""
 
     SECTION = ""  # the dotted config path used in messages, e.g. "train.spike"
+    ERROR = ConfigError  # what from_dict raises (a section may name its own subclass)
 
     @classmethod
     def from_dict(cls, values: Any, section: str | None = None):
@@ -63,16 +64,19 @@ def as_mapping(values: Any) -> dict:
     raise ConfigError(f"expected a config section (a mapping), got {type(values).__name__}.")
 
 
-def check_keys(given, valid, section: str) -> None:
-    """One ConfigError naming every unknown key, close matches and the valid keys."""
+def check_keys(given, valid, section: str, error: type = ConfigError) -> None:
+    """One ConfigError naming every unknown key (as section.key), close matches and the valid
+    keys."""
     unknown = sorted(set(given) - set(valid))
     if not unknown:
         return
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, list(valid), n=2)
-        hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    raise ConfigError(f"Unknown {section} field(s) {', '.join(hints)}; valid fields: "
+        hints.append(f"{section}.{key}" + (f" (did you mean "
+                                           f"{', '.join(f'{section}.{c}' for c in close)}?)"
+                                           if close else ""))
+    raise error(f"Unknown {section} field(s): {'; '.join(hints)}. Valid fields: "
                       f"{', '.join(sorted(valid))}.")
 
 
@@ -80,17 +84,21 @@ def build_section(cls, values: Any, section: str):
     """cls(**converted values), naming unknown, missing and badly typed fields."""
     if isinstance(values, cls):
         return values
+    error = getattr(cls, "ERROR", ConfigError)
     values = as_mapping(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    check_keys(values, fields, section)
+    check_keys(values, fields, section, error)
     missing = sorted(name for name, f in fields.items() if name not in values
                      and f.default is dataclasses.MISSING
                      and f.default_factory is dataclasses.MISSING)
     if missing:
-        raise ConfigError(f"Missing required {section} field(s) {missing}.")
+        raise error(f"Missing required {section} field(s) {missing}.")
     hints = typing.get_type_hints(cls)
-    return cls(**{name: convert(value, hints.get(name, Any), f"{section}.{name}")
-                  for name, value in values.items()})
+    try:
+        return cls(**{name: convert(value, hints.get(name, Any), f"{section}.{name}")
+                      for name, value in values.items()})
+    except ConfigError as e:
+        raise (e if isinstance(e, error) else error(str(e))) from None
 
 
 def convert(value: Any, hint: Any, where: str) -> Any:
@@ -106,24 +114,21 @@ def convert(value: Any, hint: Any, where: str) -> Any:
     if hint is bool:
         if isinstance(value, (bool, np.bool_)):
             return bool(value)
-        raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        raise ConfigError(f"{where}={value!r}: expected bool (true or false).")
     if hint in (int, float):
         return _number(value, hint, where)
     if hint is str and not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {value!r}.")
+        raise ConfigError(f"{where}={value!r}: expected str.")
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value
 
 
 def _number(value: Any, kind: type, where: str):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        hint = (" (a quoted number? write it unquoted; YAML reads 4e-4 as a string: 4.0e-4)"
-                if isinstance(value, str) else "")
-        raise ConfigError(f"{where} must be {'an integer' if kind is int else 'a number'}, "
-                          f"got {value!r}{hint}.")
-    if kind is int:
-        if not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{where} must be an integer, got {value!r}.")
-        return int(value)
-    return float(value)
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if integral or (kind is float and isinstance(value, numbers.Real)
+                    and not isinstance(value, bool)):
+        return kind(value)
+    hint = (" (a quoted number? write it unquoted; YAML reads 4e-4 as a string: 4.0e-4)"
+            if isinstance(value, str) else "")
+    raise ConfigError(f"{where}={value!r}: expected {kind.__name__}{hint}.")

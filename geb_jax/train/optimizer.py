@@ -98,7 +98,7 @@ class OptimizerConfig(Section):
     min_learning_rate: the cosine floor at total_steps and after (LLaMA: 10% of peak; GEB 4e-5).
     warmup_steps: linear warm-up length, in optimizer updates (0 allowed).
     total_steps: the update at which the cosine reaches the floor (the schedule's decay_steps,
-        warm-up included).
+        warm-up included). In a run's config an unset one follows train.steps (run_config.py).
     b1, b2, eps: Adam. b2 = 0.95 as in LLaMA / GPT-3 (0.999 is too slow to react to spikes).
     weight_decay: decoupled, multiplied by the learning rate (PyTorch AdamW convention).
     grad_clip_norm: clip the global gradient norm to this; None disables clipping.
