@@ -63,8 +63,9 @@ def check_field_names(config: ml_collections.ConfigDict, names: Iterable[str]) -
     for name in names:
         if name in known:
             continue
-        moved = next((why for field, why in ELSEWHERE.items()
-                      if name == field or name.startswith(field + ".")), None)
+        moved = next((why for field, why in ELSEWHERE.items()  # absent here, acts elsewhere
+                      if (name == field or name.startswith(field + "."))
+                      and not any(k.startswith(field + ".") for k in known)), None)
         if moved:
             raise ConfigError(f"--config.{name}: {moved}")
         close = difflib.get_close_matches(name, known, n=3)
