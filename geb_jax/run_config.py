@@ -258,7 +258,8 @@ def _resolve_total_steps(optimizer: dict, train: dict) -> list[str]:
     if total is None:
         optimizer["total_steps"] = steps
         return []
-    if total == steps:
+    valid = all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (total, steps))
+    if total == steps or not valid:  # an invalid value: OptimizerConfig / TrainConfig name it
         return []
     where = (f"after this run ends (at {steps / total:.0%} of the schedule)" if total > steps
              else f"and holds it for the last {steps - total} updates")

@@ -91,6 +91,8 @@ def test_an_explicit_total_steps_that_differs_is_kept_and_reported():
     assert "25%" in note  # 100 / 400 of the schedule
     same = run_config(_tiny(**{"train.steps": 100, "optimizer.total_steps": 100}), "pretrain")
     assert same.notes == ()
+    with pytest.raises(ConfigError, match=r"optimizer\.total_steps must be >= 1"):
+        run_config(_tiny(**{"optimizer.total_steps": 0}), "pretrain")
 
 
 def test_a_stage_with_its_own_steps_follows_them_and_reports_what_it_overrides():
