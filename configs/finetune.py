@@ -44,7 +44,7 @@ def get_config(arg=None):
         c.stage_overrides[stage].train.steps = steps
         c.stage_overrides[stage].optimizer.update(dict(
             peak_learning_rate=peak * scale, min_learning_rate=peak * scale / 10,
-            warmup_steps=max(1, steps // 10), total_steps=steps))
+            warmup_steps=max(1, steps // 10)))  # total_steps follows the stage's steps
     if arg.lora:
         c.lora.rank, c.lora.alpha = arg.lora, 2.0 * arg.lora
     c.train.log_every = 2

@@ -15,8 +15,7 @@ def get_config(arg=None):
                    head_dim=128, d_ff=11008, max_seq_len=2048, norm_eps=1e-6, dtype="bfloat16",
                    remat_policy="save_dots")
     c.train.update(seq_len=2048, batch_size=2048, steps=250000)
-    c.optimizer.update(peak_learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=2000,
-                       total_steps=250000)
+    c.optimizer.update(peak_learning_rate=3e-4, min_learning_rate=3e-5, warmup_steps=2000)
     c.mesh.update(data=1, fsdp=-1)
     c.checkpoint.every = 1000
     c.eval.every = 1000

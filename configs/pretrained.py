@@ -19,7 +19,7 @@ import dataclasses
 import os
 
 from geb_jax.checkpoint.published import published_model_config, smollm2_path
-from geb_jax.config_base import base_config, parse_arg, stage_data_fields
+from geb_jax.config_base import base_config, parse_arg, placeholder, stage_data_fields
 
 
 def get_config(arg=None):
@@ -43,7 +43,8 @@ def get_config(arg=None):
         c.stage_overrides[stage] = dict(
             train=dict(steps=steps),
             optimizer=dict(peak_learning_rate=peak, min_learning_rate=peak / 10, warmup_steps=3,
-                           total_steps=steps, weight_decay=0.0 if stage == "dpo" else 0.1),
+                           weight_decay=0.0 if stage == "dpo" else 0.1,
+                           total_steps=placeholder(int)),  # None: follows the stage's steps
             data=stage_data_fields())
     c.export.gguf_dtypes = "f16,q8_0,q4_0"
     return c

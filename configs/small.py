@@ -12,6 +12,5 @@ def get_config(arg=None):
     c.model.update(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                    head_dim=64, d_ff=2048, max_seq_len=1024, tie_embeddings=True)
     c.train.update(seq_len=1024, batch_size=32, steps=20000)
-    c.optimizer.update(peak_learning_rate=6e-4, min_learning_rate=6e-5, warmup_steps=2000,
-                       total_steps=20000)
+    c.optimizer.update(peak_learning_rate=6e-4, min_learning_rate=6e-5, warmup_steps=2000)
     return c

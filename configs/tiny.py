@@ -24,7 +24,7 @@ def get_config(arg=None):
     if arg.smoke:
         c.workdir = "runs/tiny_smoke"
         c.stages = "pretrain"
-        c.train.steps = c.optimizer.total_steps = 6
+        c.train.steps = 6  # optimizer.total_steps follows it
         c.optimizer.warmup_steps = 2
         c.train.batch_size, c.train.seq_len, c.train.log_every = 2, 64, 1
         c.checkpoint.every = c.eval.every = 3

@@ -15,8 +15,7 @@ def get_config(arg=None):
                    head_dim=64, d_ff=5632, max_seq_len=2048, norm_eps=1e-5, dtype="bfloat16",
                    remat_policy="save_dots")
     c.train.update(seq_len=2048, batch_size=1024, steps=1430000)
-    c.optimizer.update(peak_learning_rate=4e-4, min_learning_rate=4e-5, warmup_steps=2000,
-                       total_steps=1430000)
+    c.optimizer.update(peak_learning_rate=4e-4, min_learning_rate=4e-5, warmup_steps=2000)
     c.checkpoint.every = 1000
     c.eval.every = 1000
     return c

@@ -1,11 +1,25 @@
 """The one schema of a run's ConfigDict, with defaults. Presets in configs/ list only differences.
 
 Sections: model (-> ModelConfig), optimizer (-> OptimizerConfig), train (loop lengths, batch),
-data, mesh (data/fsdp/tensor sizes, -1 fills the rest), checkpoint, eval.
+data, mesh (data/fsdp/tensor sizes, -1 fills the rest), checkpoint, eval, lora, export. Past the
+entry point the code reads them typed and frozen: geb_jax/run_config.py `run_config(config)`.
 """
 import ml_collections
 
-from geb_jax.data.clean.chain import default_cleaning_config
+from geb_jax.errors import ConfigError
+
+placeholder = ml_collections.config_dict.placeholder
+
+# Fields geb_jax.main does not take, and where they act instead (config_loader names this when
+# one is given, run_config when a preset sets one).
+ELSEWHERE = {
+    "data.clean": (
+        "data.clean.* configures the cleaning pass, which geb_jax.main does not run (it is a "
+        "whole-corpus pass with cross-document dedup and a report, done once, not per training "
+        "run): clean first with `python -m geb_jax.data.prepare --config <preset> "
+        "--config.data.clean.<field>=<value> --output DIR`, then train on its output with "
+        "--config.data.source=local --config.data.path=DIR/documents.jsonl.gz."),
+}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -24,7 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
         loss_chunk_size=512))  # positions per chunk of the lm head + cross-entropy; 0 = dense
 
     c.optimizer = ml_collections.ConfigDict(dict(
-        peak_learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20, total_steps=300,
+        peak_learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20,
+        total_steps=placeholder(int),  # None: follows train.steps (run_config.py)
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0, microbatches=1,
         embedding_grad_scale=1.0, decay_embeddings=True))
 
@@ -59,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
         # or messages | sharegpt | alpaca | prompt_completion (SFT), preference (DPO: TRL's
         # prompt/chosen/rejected, or HH-style chosen/rejected conversations).
         format="auto"))
-    c.data.clean = ml_collections.ConfigDict(default_cleaning_config())  # data/prepare.py
+    # No data.clean here: see ELSEWHERE (data/prepare.py adds its defaults itself).
 
     # LoRA (model/lora.py): rank 0 trains every weight; rank r > 0 freezes the base and trains
     # rank-r adapters on the named projections (q, k, v, o, gate, up, down).
@@ -98,22 +113,24 @@ def base_config() -> ml_collections.ConfigDict:
         gguf_dtypes="f16,q8_0",  # f32 | f16 | q8_0 | q4_0
         out=""))  # "" = <workdir>/export
 
-    # Per-stage differences, nested like the config (train/stages.py merges them).
+    # Per-stage differences, nested like the config (run_config.merge_stage merges them; they
+    # win over the top-level fields, and the stage's first log line lists what they changed).
     # An unset (None) field is no override: `data` lets one command give each stage its own
-    # files, e.g. --config.stage_overrides.sft.data.path='sft/*.jsonl'.
+    # files, e.g. --config.stage_overrides.sft.data.path='sft/*.jsonl'; an unset
+    # optimizer.total_steps follows the stage's own train.steps.
     c.stage_overrides = ml_collections.ConfigDict(dict(
         sft=dict(train=dict(steps=100), optimizer=dict(
-            peak_learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, total_steps=100),
-            data=stage_data_fields()),
+            peak_learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10,
+            total_steps=placeholder(int)), data=stage_data_fields()),
         dpo=dict(train=dict(steps=50), optimizer=dict(
-            peak_learning_rate=2e-4, min_learning_rate=2e-5, warmup_steps=5, total_steps=50,
-            weight_decay=0.0), data=stage_data_fields())))
+            peak_learning_rate=2e-4, min_learning_rate=2e-5, warmup_steps=5,
+            total_steps=placeholder(int), weight_decay=0.0), data=stage_data_fields())))
     return c
 
 
 def stage_data_fields() -> dict:
-    """Per-stage data fields, unset unless given (train/stages.py skips None)."""
-    return {key: ml_collections.config_dict.placeholder(str)
+    """Per-stage data fields, unset unless given (run_config.merge_stage skips None)."""
+    return {key: placeholder(str)
             for key in ("source", "path", "valid_path", "format")}
 
 
@@ -126,7 +143,7 @@ def parse_arg(arg: str | None, **defaults):
     for item in filter(None, (arg or "").split(",")):
         key, sep, raw = item.partition("=")
         if key not in defaults:
-            raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+            raise ConfigError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
         default = defaults[key]
         if not sep:
             values[key] = True

@@ -11,39 +11,29 @@ from __future__ import annotations
 
 import sys
 
+import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from geb_jax.config_loader import check_field_names, load_config
+from geb_jax.config_loader import load_with_overrides
 from geb_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to configs/<preset>.py[:arg].")
+# --config names the preset; its --config.a.b=value overrides are taken out of the command line
+# by config_loader (the one override parser) before absl sees the rest.
+_CONFIG = flags.DEFINE_string("config", None, "configs/<preset>.py[:arg]; then --config.a.b=value "
+                              "overrides any field of geb_jax/config_base.py.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for a multi-process job.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index in the job.")
 
 
-def _config_spec(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+def precheck(argv: list[str]) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """(the config with its overrides, the other arguments); fails fast, with one clear message,
+    on a missing preset, a misspelt field, a badly typed value or a field main does not take."""
+    return load_with_overrides(argv)
 
 
-def precheck(argv: list[str]) -> None:
-    """Fails fast, with one clear message, on a missing preset or a misspelt override."""
-    spec = _config_spec(argv)
-    if spec is None:
-        raise ConfigError("Pass --config configs/<preset>.py (e.g. configs/tiny.py).")
-    config = load_config(spec)
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    check_field_names(config, overrides)
-
-
-def main(argv):
+def main(argv, config: ml_collections.ConfigDict):
     del argv
     from geb_jax.checkpoint import CheckpointError  # heavy imports after flag parsing
     from geb_jax.data.sources import SourceError
@@ -57,7 +47,6 @@ def main(argv):
     from geb_jax.parallel import distributed
     from geb_jax.train.stages import run_stages
     logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
     try:
         if config.mode == "train":
             distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -74,10 +63,10 @@ def main(argv):
 
 def run() -> None:
     try:
-        precheck(sys.argv[1:])
+        config, rest = precheck(sys.argv[1:])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    app.run(main)
+    app.run(lambda argv: main(argv, config), argv=[sys.argv[0], *rest])
 
 
 if __name__ == "__main__":

@@ -376,11 +376,12 @@ def _save_stage(workdir, stage, params, tokenizer_path):
     import jax.numpy as jnp
     from geb_jax.checkpoint import Checkpointer
     from geb_jax.config_base import base_config
-    from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from geb_jax.run_config import run_config
+    from geb_jax.train.optimizer import make_optimizer
     from geb_jax.train.state import TrainState
     config = base_config()
     config.model.update(dataclasses.asdict(CONFIG))
-    optimizer = make_optimizer(OptimizerConfig.from_dict(config.optimizer))
+    optimizer = make_optimizer(run_config(config).optimizer)
     params = jax.tree.map(jnp.asarray, params)
     zero_f, zero_i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
     state = TrainState(step=zero_i + 1, params=params, opt_state=optimizer.init(params),

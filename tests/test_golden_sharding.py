@@ -37,9 +37,10 @@ def test_golden_tables_cover_every_preset_and_mesh():
 def _state_shardings(model, sizes):
     """The training path (train/state.py state_shardings) on an AbstractMesh: no devices."""
     from geb_jax.config_base import base_config
-    from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from geb_jax.run_config import run_config
+    from geb_jax.train.optimizer import make_optimizer
     from geb_jax.train.state import state_shardings
-    optimizer = make_optimizer(OptimizerConfig.from_dict(base_config().optimizer))
+    optimizer = make_optimizer(run_config(base_config()).optimizer)
     return state_shardings(model, optimizer, golden.abstract_mesh(sizes))
 
 
@@ -96,13 +97,14 @@ import jax
 from geb_jax.config_base import base_config
 from geb_jax.parallel.mesh import make_mesh
 from geb_jax.tree_paths import path_name
-from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+from geb_jax.run_config import run_config
+from geb_jax.train.optimizer import make_optimizer
 from geb_jax.train.state import init_sharded_state, state_shardings
 from tests import golden_sharding as golden
 assert jax.device_count() == 8, jax.devices()
 preset, mesh_name = sys.argv[2], sys.argv[3]
 model = golden.preset_model(preset)
-optimizer = make_optimizer(OptimizerConfig.from_dict(base_config().optimizer))
+optimizer = make_optimizer(run_config(base_config()).optimizer)
 mesh = make_mesh(golden.MESHES[mesh_name])
 state = init_sharded_state(model, optimizer, 0, state_shardings(model, optimizer, mesh))
 out = {"params": {}, "moments": {}}

@@ -247,14 +247,15 @@ def test_workdir_stage_checkpoint_loads_the_saved_parameters(setup, lm):
 
     from geb_jax.checkpoint import Checkpointer
     from geb_jax.config_base import base_config
-    from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from geb_jax.run_config import run_config
+    from geb_jax.train.optimizer import make_optimizer
     from geb_jax.train.state import TrainState
 
     workdir = setup["root"] / "workdir"
     run = base_config()
     run.model.update(dataclasses.asdict(setup["config"]))
     jparams = jax.tree.map(jnp.asarray, setup["params"])
-    optimizer = make_optimizer(OptimizerConfig.from_dict(run.optimizer))
+    optimizer = make_optimizer(run_config(run).optimizer)
     zero = jnp.zeros((), jnp.float32)
     state = TrainState(step=jnp.int32(7), params=jparams, opt_state=optimizer.init(jparams),
                        rng=jnp.zeros((2,), jnp.uint32), loss_ema=zero, grad_norm_ema=zero,

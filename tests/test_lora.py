@@ -329,11 +329,12 @@ def _tiny_run_config(workdir, **overrides):
 
 def _restore(stage_dir, config, lora):
     from geb_jax.parallel.mesh import make_mesh
-    from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from geb_jax.run_config import run_config
+    from geb_jax.train.optimizer import make_optimizer
     from geb_jax.train.state import lora_optimizer_config, restore_stage_state
     model_config = ModelConfig.from_dict(config.model)
     optimizer = make_optimizer(lora_optimizer_config(
-        OptimizerConfig.from_dict(config.optimizer), lora))
+        run_config(config).optimizer, lora))
     return restore_stage_state(str(stage_dir), model_config, optimizer,
                                make_mesh(config.mesh), lora)
 

@@ -24,7 +24,8 @@ from geb_jax.data.clean.model_scorer import ModelScorerError, load_model_scorer
 from geb_jax.data.tokenizer import builtin_tokenizer
 from geb_jax.infer import save_npz_model
 from geb_jax.model import ModelConfig, init_params, make_apply
-from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+from geb_jax.train.optimizer import make_optimizer
+from geb_jax.run_config import run_config
 from geb_jax.train.state import TrainState
 from tests import numpy_reference
 
@@ -83,7 +84,7 @@ def trained(tmp_path_factory, tok, model_config):
     workdir = tmp_path_factory.mktemp("run")
     config = base_config()
     config.model.update({k: getattr(model_config, k) for k in config.model.keys()})
-    optimizer = make_optimizer(OptimizerConfig.from_dict(config.optimizer))
+    optimizer = make_optimizer(run_config(config).optimizer)
     zero = jnp.zeros((), jnp.int32)  # TrainState built directly: create_state would re-init
     state = TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                        rng=jax.random.key_data(jax.random.key(0)), loss_ema=zero * 0.0,

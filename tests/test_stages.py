@@ -17,7 +17,8 @@ from geb_jax.model import ModelConfig, make_apply
 from geb_jax.errors import ConfigError
 from geb_jax.train import inputs
 from geb_jax.train.losses import cross_entropy_loss
-from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+from geb_jax.train.optimizer import make_optimizer
+from geb_jax.run_config import run_config
 from geb_jax.train.stages import run_stages, stage_config
 from geb_jax.train.state import abstract_state, state_shardings
 from geb_jax.parallel.mesh import make_mesh
@@ -52,7 +53,7 @@ def test_pretrain_sft_dpo_chain(tmp_path):
     sft = stage_config(config, "sft")
     model_config = ModelConfig.from_dict(sft.model)
     mesh = make_mesh(sft.mesh)
-    optimizer = make_optimizer(OptimizerConfig.from_dict(sft.optimizer))
+    optimizer = make_optimizer(run_config(sft).optimizer)
     abstract = abstract_state(model_config, optimizer,
                               state_shardings(model_config, optimizer, mesh))
     params = inputs.load_params(os.path.join(str(tmp_path), "pretrain"), abstract)

@@ -25,13 +25,16 @@ from geb_jax.eval.preference import preference_accuracy
 from geb_jax.eval.refusal import refusal_rates
 from geb_jax.eval.scorer import LanguageModel
 from geb_jax.eval.tasks import LAYOUTS, STYLES, load_task_file
+from geb_jax.config_sections import Section
 from geb_jax.errors import ConfigError
 
 BUILTIN_TASKS = ("perplexity", "sft_exact_match", "dpo_preference", "refusal")
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
+    SECTION = "eval.suite"
+
     tasks: str = "perplexity"  # comma-separated, see the module docstring; "" = none
     max_documents: int = 16  # held-out documents for perplexity, evenly spaced; 0 = all
     stride: int = 0  # sliding-window stride in tokens; 0 = max_length (disjoint windows)
@@ -66,15 +69,6 @@ class EvalConfig:
     def window(self, max_seq_len: int) -> int:
         """Positions the evaluated model reads at once: max_length, at most max_seq_len."""
         return min(self.max_length or max_seq_len, max_seq_len)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown eval config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 def task_names(tasks: str) -> list[str]:

@@ -38,24 +38,24 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
     # Heavy imports on use: the trainer's modules are not needed to train.
     from geb_jax.train import inputs  # pylint: disable=import-outside-toplevel
     from geb_jax.train.loop import stage_dir  # pylint: disable=import-outside-toplevel
-    from geb_jax.train.stages import stage_config  # pylint: disable=import-outside-toplevel
+    from geb_jax.run_config import run_config  # pylint: disable=import-outside-toplevel
 
-    formats = _split(config.export.formats)
+    stage = config.export.stage or _split(config.stages)[-1]
+    run = run_config(config, stage)
+    formats = _split(run.export.formats)
     unknown = sorted(set(formats) - set(FORMATS))
     if not formats or unknown:
-        raise ConfigError(f"config.export.formats={config.export.formats!r}: use a comma-"
+        raise ConfigError(f"config.export.formats={run.export.formats!r}: use a comma-"
                           f"separated list of {', '.join(FORMATS)}.")
-    stage = config.export.stage or _split(config.stages)[-1]
-    stage_cfg = stage_config(config, stage)
-    model_config = ModelConfig.from_dict(stage_cfg.model)
+    model_config = run.model
     from geb_jax.data.tokenizer_files import tokenizer_in  # pylint: disable=import-outside-toplevel
     tokenizer_path = tokenizer_in(config.workdir)
     if tokenizer_path is None:
         raise ConfigError(f"no tokenizer.model (or tokenizer/) in {config.workdir}: train the "
                           f"run first (config.workdir={config.workdir!r}), then export.")
-    params, adapters, lora = _final_model(stage_cfg, model_config, stage_dir(config, stage),
+    params, adapters, lora = _final_model(run, model_config, stage_dir(config, stage),
                                           inputs)
-    out = config.export.out or os.path.join(config.workdir, "export")
+    out = run.export.out or os.path.join(config.workdir, "export")
     log(f"[export] {stage} stage of {config.workdir} -> {out}")
     written: dict[str, str] = {}
     if "numpy" in formats:
@@ -64,17 +64,17 @@ def export_stage(config: ml_collections.ConfigDict, log=print) -> dict[str, str]
                                           tokenizer_path, overwrite=True)
     if "onnx" in formats:
         from geb_jax.export.onnx_export import export_onnx  # pylint: disable=import-outside-toplevel
-        for quantize in _split(config.export.onnx_quantize) or ["none"]:
+        for quantize in _split(run.export.onnx_quantize) or ["none"]:
             name = "model.onnx" if quantize == "none" else f"model-{quantize}.onnx"
             written[f"onnx/{quantize}"] = export_onnx(
                 params, model_config, tokenizer_path, os.path.join(out, "onnx", name),
                 quantize=None if quantize == "none" else quantize,
-                accuracy_level=config.export.onnx_accuracy_level,
-                block_size=config.export.get("onnx_block_size", 32),
-                graph=config.export.get("onnx_graph", "plain"), overwrite=True)
+                accuracy_level=run.export.onnx_accuracy_level,
+                block_size=run.export.onnx_block_size, graph=run.export.onnx_graph,
+                overwrite=True)
     if "gguf" in formats:
         from geb_jax.export.gguf_export import export_gguf  # pylint: disable=import-outside-toplevel
-        for dtype in _split(config.export.gguf_dtypes):
+        for dtype in _split(run.export.gguf_dtypes):
             path = os.path.join(out, "gguf", f"model-{dtype}.gguf")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             written[f"gguf/{dtype}"] = export_gguf(params, model_config, tokenizer_path, path,
@@ -116,14 +116,15 @@ def _final_model(stage_cfg, model_config: ModelConfig, directory: str, inputs):
     import jax  # pylint: disable=import-outside-toplevel
 
     from geb_jax.parallel.mesh import make_mesh  # pylint: disable=import-outside-toplevel
-    from geb_jax.train.optimizer import (OptimizerConfig,  # pylint: disable=import-outside-toplevel
-                                         make_optimizer)
+    from geb_jax.run_config import run_config  # pylint: disable=import-outside-toplevel
+    from geb_jax.train.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
     from geb_jax.train.state import (abstract_state,  # pylint: disable=import-outside-toplevel
                                      lora_optimizer_config, model_params, restore_stage_state,
                                      saved_lora_config, state_shardings)
-    mesh = make_mesh(stage_cfg.mesh)
+    stage_cfg = run_config(stage_cfg)  # a stage's ConfigDict or RunConfig
+    mesh = make_mesh(stage_cfg.mesh.to_dict())
     lora = saved_lora_config(directory)
-    opt_config = lora_optimizer_config(OptimizerConfig.from_dict(stage_cfg.optimizer), lora)
+    opt_config = lora_optimizer_config(stage_cfg.optimizer, lora)
     optimizer = make_optimizer(opt_config)
     if not lora.enabled:
         abstract = abstract_state(model_config, optimizer,

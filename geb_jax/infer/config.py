@@ -1,14 +1,14 @@
 """ModelConfig as the jax-free inference code sees it.
 
 `InferConfig` is geb_jax.model.config.ModelConfig (same fields, same checks; that module and the
-lazy geb_jax.model package import no JAX) plus two constructors inference needs: `from_dict`
-also takes any dataclass with those fields, and `from_hf` reads a Hugging Face LlamaConfig dict.
+lazy geb_jax.model package import no JAX) plus `from_hf`, which reads a Hugging Face
+LlamaConfig dict; the shared `from_dict` (geb_jax/config_sections.py) also takes any dataclass
+with those fields.
 The training-only fields (dtype, scan_layers, remat_policy, attention_impl, init_std) are
 carried along and ignored by the numpy engine.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 from geb_jax.errors import ConfigError
@@ -19,15 +19,6 @@ InferConfigError = ConfigError  # the name inference code and its users catch
 
 class InferConfig(ModelConfig):
     """A ModelConfig built for (and by) the inference side."""
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | ModelConfig) -> "InferConfig":
-        """From a ModelConfig-style dict (or any dataclass with those fields)."""
-        if isinstance(values, InferConfig):
-            return values
-        if dataclasses.is_dataclass(values) and not isinstance(values, type):
-            values = dataclasses.asdict(values)
-        return super().from_dict(values)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "InferConfig":
@@ -56,6 +47,3 @@ class InferConfig(ModelConfig):
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
         values.update(overrides)
         return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -7,8 +7,8 @@ K KV heads, H head dim, F FFN width, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
+from geb_jax.config_sections import Section
 from geb_jax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "save_dots", "full")
@@ -21,7 +21,9 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
+    SECTION = "model"
+
     vocab_size: int
     d_model: int
     n_layers: int
@@ -70,20 +72,6 @@ class ModelConfig:
                               f"got {self.loss_chunk_size!r}.")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise ConfigError("model.rope_theta and model.norm_eps must be positive.")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        """Builds from a ConfigDict / dict, naming any field we do not know."""
-        values = dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**values)
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
     # ---- derived facts -------------------------------------------------------------------
     @property

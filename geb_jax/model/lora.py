@@ -49,6 +49,7 @@ import math
 import numbers
 from typing import Any, Mapping
 
+from geb_jax.config_sections import Section
 from geb_jax.errors import ConfigError
 
 # target name -> (group under "layers", leaf, number of input dims after the layer axis,
@@ -68,8 +69,10 @@ _RNG_SALT = 0x10A4  # folds the adapters' init key out of the model's, leaving t
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig:
+class LoraConfig(Section):
     """config.lora, validated. rank 0 = off (every weight trains, no adapters anywhere)."""
+    SECTION = "lora"
+
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
@@ -118,16 +121,6 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any] | None) -> "LoraConfig":
-        """From config.lora (a ConfigDict or dict; None or {} = off), naming unknown fields."""
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown lora field(s) {unknown}; known: {sorted(known)}.")
-        return cls(**values)
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,

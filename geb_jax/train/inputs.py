@@ -1,6 +1,7 @@
 """What a stage reads: its tokenizer, its grain dataset, held-out batches, earlier parameters.
 
 The bridge between the config and geb_jax.data; the loop calls these and knows no data details.
+`config` is a stage's RunConfig (geb_jax/run_config.py); a ConfigDict with the same fields works.
 """
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import itertools
 import os
 
 import jax
-import ml_collections
 
 from geb_jax.checkpoint import Checkpointer
 from geb_jax.data import pipeline, sources
@@ -19,7 +19,7 @@ from geb_jax.model import ModelConfig
 from geb_jax.errors import ConfigError
 
 
-def stage_tokenizer(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Tokenizer:
+def stage_tokenizer(config, model_config: ModelConfig) -> Tokenizer:
     """The run's tokenizer, checked against the model's vocabulary and saved into workdir.
 
     config.data.tokenizer: "builtin", a SentencePiece .model, a GGUF file or a Hugging Face

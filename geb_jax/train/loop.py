@@ -24,6 +24,7 @@ from geb_jax.eval.suite import task_names
 from geb_jax.model import ModelConfig
 from geb_jax.model.attention import resolve_attention_impl
 from geb_jax.parallel.mesh import check_batch_divides, make_mesh
+from geb_jax.run_config import RunConfig, run_config
 from geb_jax.train import inputs
 from geb_jax.train.losses import check_batch_has_targets
 from geb_jax.train.metrics_log import MetricsLog, peak_flops_per_device
@@ -41,7 +42,7 @@ PUE, TCO2_PER_MWH = 1.1, 0.385
 DEVICE_WATTS = {"H100": 700.0, "H200": 700.0, "A100": 400.0, "cpu": 100.0}
 
 
-def stage_dir(config: ml_collections.ConfigDict, stage: str) -> str:
+def stage_dir(config: ml_collections.ConfigDict | RunConfig, stage: str) -> str:
     return os.path.join(config.workdir, stage)
 
 
@@ -53,15 +54,17 @@ def energy_estimate(hours: float) -> dict:
     return {"device_hours": device_hours, "energy_kwh": mwh * 1e3, "tco2eq": mwh * TCO2_PER_MWH}
 
 
-def train(config: ml_collections.ConfigDict, stage: str | None = None,
+def train(config: ml_collections.ConfigDict | RunConfig, stage: str | None = None,
           init_params_from: str | None = None) -> dict:
-    """Trains one stage to config.train.steps; returns a summary dict."""
-    run = build_stage(config, stage or config.train.stage, init_params_from)
+    """Trains one stage to config.train.steps; returns a summary dict. A ConfigDict is typed
+    as it is (run_stages passes each stage's RunConfig, its overrides merged)."""
+    config = typed_stage(config, stage)
+    run = build_stage(config, config.train.stage, init_params_from)
     state, batches, start, resumed = restore_or_init(run)
     log = MetricsLog(run.workdir, run.stage, run.total_steps, start)
     log_start(run, log, state, start, resumed)
     with install_signal_save() as stop, step_context(run.mesh):
-        if config.eval.every and config.eval.get("at_start") and start == 0:
+        if config.eval.every and config.eval.at_start and start == 0:
             run_eval(run, log, state, 0)  # the model the stage starts from: every "before"
         state, batches, step, history = train_steps(run, log, stop, state, batches, start)
     run.checkpointer.wait()
@@ -78,7 +81,7 @@ def train(config: ml_collections.ConfigDict, stage: str | None = None,
 @dataclasses.dataclass
 class Stage:
     """Everything one stage's run is built from (build_stage), read by the named steps."""
-    config: ml_collections.ConfigDict
+    config: RunConfig
     stage: str
     workdir: str
     init_params_from: str | None
@@ -114,17 +117,25 @@ class Stage:
         return state, self.numbered(data_iter, data_state["batches_drawn"]), restored
 
 
-def build_stage(config: ml_collections.ConfigDict, stage: str,
+def typed_stage(config: ml_collections.ConfigDict | RunConfig, stage: str | None) -> RunConfig:
+    """config's typed sections, with train.stage set to `stage` when given."""
+    config = run_config(config)
+    if stage and stage != config.train.stage:
+        config = config.replace(train=config.train.replace(stage=stage))
+    return config
+
+
+def build_stage(config: RunConfig, stage: str,
                 init_params_from: str | None) -> Stage:
     """Mesh (its divisibility checked first), input, the compiled step, DPO's reference and the
     checkpointer: everything before the first update."""
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh.to_dict())
     check_batch_divides(config.train.batch_size, mesh)
-    model_config = ModelConfig.from_dict(config.model)
+    model_config = config.model
     check_mesh_fits(model_config, mesh)
     tokenizer = inputs.stage_tokenizer(config, model_config)
     dataset = inputs.train_dataset(config, stage, tokenizer)
-    eval_suite = EvalConfig.from_dict(config.eval.suite)
+    eval_suite = config.eval.suite
     if jax.process_count() > 1:
         eval_suite = dataclasses.replace(eval_suite, tasks="")  # single-process for now
     program = build_step_program(config, stage, mesh, next(iter(dataset)))
@@ -132,7 +143,7 @@ def build_stage(config: ml_collections.ConfigDict, stage: str,
     if stage == "dpo":  # the model the stage starts from (merged, if that stage used LoRA)
         reference_params = (start_params(init_params_from, program) if init_params_from else
                             inputs.load_reference_params(init_params_from, program.abstract))
-    spike = SpikeConfig.from_dict(config.train.spike)
+    spike = config.train.spike
     workdir = stage_dir(config, stage)
     return Stage(
         config=config, stage=stage, workdir=workdir, init_params_from=init_params_from,
@@ -141,7 +152,7 @@ def build_stage(config: ml_collections.ConfigDict, stage: str,
         program=program, reference_params=reference_params,
         checkpointer=Checkpointer(os.path.join(workdir, "checkpoints"),
                                   save_every=config.checkpoint.every, keep=config.checkpoint.keep),
-        spike=spike, skip=parse_batch_numbers(config.train.skip_batches, "train.skip_batches"),
+        spike=spike, skip=config.train.skip,
         inject=parse_batch_numbers(spike.inject_batches, "train.spike.inject_batches"),
         total_steps=config.train.steps)
 
@@ -174,6 +185,8 @@ def log_start(run: Stage, log: MetricsLog, state, start: int, resumed: str) -> N
     log.message(f"[{run.stage}] {num_params(state.params):,} parameters{trained}, mesh "
                 f"{dict(run.mesh.shape)}, {run.tokens_per_step:,} tokens/step, {resumed}; "
                 f"attention: {impl} ({why})")
+    for note in run.config.notes:  # what stage_overrides changed, a total_steps mismatch
+        log.message(f"[{run.stage}] {note}")
     skipped = inputs.input_report(run.dataset)["skipped"]
     if skipped and start == 0:
         log.event(start, "input_skipped", **skipped)
@@ -184,9 +197,9 @@ def run_eval(run: Stage, log: MetricsLog, state, at_step: int) -> None:
     params = run.program.model_params(state) if run.program.lora.enabled else state.params
     log.write(at_step, evaluate(run.program.eval_step, params, run.eval_batches,
                                 run.program.batch_sh, run.reference_params), split="eval")
-    if at_step == 0 and not run.config.eval.get("suite_at_start", True):
+    if at_step == 0 and not run.config.eval.suite_at_start:
         return
-    suite_every = run.config.eval.get("suite_every", 0)
+    suite_every = run.config.eval.suite_every
     if run.eval_suite.tasks and (not suite_every or at_step % suite_every == 0
                                  or at_step == run.total_steps):
         log.write(at_step, evaluate_during_training(
@@ -200,7 +213,7 @@ def train_steps(run: Stage, log: MetricsLog, stop, state, batches, start: int):
     config, spikes = run.config, SpikeResponse(run.spike)
     window = ThroughputWindow(run, start)
     history, step = [], start
-    config_dict = config.to_dict()  # what each checkpoint stores beside the state
+    config_dict = config.to_dict()  # the resolved config each checkpoint stores
     while step < run.total_steps:
         step += 1
         host_batch = next(batches)

@@ -2,7 +2,8 @@
 
     embedding-gradient shrink  ->  clip_by_global_norm  ->  AdamW(schedule, decay mask)
 
-* `OptimizerConfig`: frozen, validated; `OptimizerConfig.from_dict(mapping)` names unknown fields.
+* `OptimizerConfig`: frozen, validated; `OptimizerConfig.from_dict(mapping)` (config_sections.py)
+  names unknown and missing fields.
 * `make_optimizer(hp)`: the `optax.GradientTransformation`.
 * `learning_rate_schedule(hp)`, `learning_rate_at(hp, step)`: the learning rate, for the
   optimizer and for logging.
@@ -72,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from geb_jax.config_sections import Section
 from geb_jax.errors import ConfigError
 from geb_jax.tree_paths import key_name, path_names
 
@@ -89,14 +91,14 @@ _INT_FIELDS = ("warmup_steps", "total_steps", "microbatches")
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(Section):
     """AdamW + warm-up/cosine schedule + clipping. Defaults follow LLaMA / GEB.
 
     peak_learning_rate: reached at the end of the warm-up (GEB: 4e-4).
     min_learning_rate: the cosine floor at total_steps and after (LLaMA: 10% of peak; GEB 4e-5).
     warmup_steps: linear warm-up length, in optimizer updates (0 allowed).
     total_steps: the update at which the cosine reaches the floor (the schedule's decay_steps,
-        warm-up included).
+        warm-up included). In a run's config an unset one follows train.steps (run_config.py).
     b1, b2, eps: Adam. b2 = 0.95 as in LLaMA / GPT-3 (0.999 is too slow to react to spikes).
     weight_decay: decoupled, multiplied by the learning rate (PyTorch AdamW convention).
     grad_clip_norm: clip the global gradient norm to this; None disables clipping.
@@ -109,6 +111,8 @@ class OptimizerConfig:
         configs, nanoGPT's variants, HF `no_decay` lists) exempt them -- set False to match.
         `lm_head` is a matmul and is always decayed; norm scales never are.
     """
+    SECTION = "optimizer"
+
     peak_learning_rate: float
     min_learning_rate: float
     warmup_steps: int
@@ -173,26 +177,6 @@ class OptimizerConfig:
             raise ConfigError(
                 f"optimizer.embedding_grad_scale must be in (0, 1] (GEB/GLM-130B shrink alpha, "
                 f"1 = off), got {self.embedding_grad_scale}.")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "OptimizerConfig":
-        """Builds from a ConfigDict / dict, naming unknown and missing fields."""
-        values = dict(values)
-        fields = dataclasses.fields(cls)
-        known = {f.name for f in fields}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"Unknown optimizer config field(s) {unknown}; known fields: {sorted(known)}.")
-        missing = sorted(f.name for f in fields
-                         if f.default is dataclasses.MISSING and f.name not in values)
-        if missing:
-            raise ConfigError(f"Missing required optimizer config field(s) {missing}.")
-        return cls(**values)
-
-    def replace(self, **changes) -> "OptimizerConfig":
-        return dataclasses.replace(self, **changes)
-
 
 # ---- learning rate ----------------------------------------------------------------------------
 def learning_rate_schedule(hp: OptimizerConfig) -> optax.Schedule:

@@ -22,23 +22,23 @@ from jax.sharding import Mesh
 from geb_jax.model import ModelConfig, abstract_params, make_apply, param_logical_axes
 from geb_jax.model.lora import LoraConfig
 from geb_jax.parallel.mesh import LOGICAL_AXIS_RULES, logical_to_shardings
+from geb_jax.run_config import RunConfig, TrainConfig, run_config
 from geb_jax.train.losses import cross_entropy_loss, dpo_loss
 from geb_jax.train.optimizer import PAIRS_KEY, TOKENS_KEY, OptimizerConfig, make_optimizer
 from geb_jax.train.state import (TrainState, abstract_state, lora_optimizer_config,
                                  merged_params_jit, state_shardings)
-from geb_jax.train.spikes import SpikeConfig
 from geb_jax.train.step import (batch_shardings, jit_eval_step, jit_train_step, make_eval_step,
                                 make_train_step)
 
 
-def bind_loss(stage: str, apply, train_config: ml_collections.ConfigDict):
+def bind_loss(stage: str, apply, train_config: TrainConfig):
     """The stage's loss with the model and hyperparameters bound: (params, batch, ref) -> ..."""
     if stage == "dpo":
         return lambda params, batch, reference_params: dpo_loss(
             params, batch, apply, reference_params=reference_params,
             beta=train_config.dpo_beta, loss_type=train_config.dpo_loss_type,
             label_smoothing=train_config.dpo_label_smoothing,
-            sft_weight=train_config.get("dpo_sft_weight", 0.0))
+            sft_weight=train_config.dpo_sft_weight)
     return lambda params, batch, reference_params=None: cross_entropy_loss(
         params, batch, apply, z_loss_weight=train_config.z_loss_weight)
 
@@ -67,13 +67,13 @@ class StepProgram:
     model_params: Callable          # jitted state -> the parameters eval runs (LoRA merged)
 
 
-def build_step_program(config: ml_collections.ConfigDict, stage: str, mesh: Mesh,
+def build_step_program(config: ml_collections.ConfigDict | RunConfig, stage: str, mesh: Mesh,
                        batch_like: Any) -> StepProgram:
     """The stage's step on `mesh`; `batch_like` (arrays or ShapeDtypeStructs) gives the batch
     structure. DPO steps take reference parameters sharded like the policy's."""
-    model_config = ModelConfig.from_dict(config.model)
-    opt_config = OptimizerConfig.from_dict(config.optimizer)
-    lora = LoraConfig.from_dict(config.get("lora"))  # rank 0 (off): plain TrainState
+    config = run_config(config)
+    model_config, opt_config = config.model, config.optimizer
+    lora = config.lora  # rank 0 (off): plain TrainState
     optimizer = make_optimizer(lora_optimizer_config(opt_config, lora))
     apply = make_apply(model_config)
     loss_fn = bind_loss(stage, apply, config.train)
@@ -83,7 +83,7 @@ def build_step_program(config: ml_collections.ConfigDict, stage: str, mesh: Mesh
     weight_key = PAIRS_KEY if stage == "dpo" else TOKENS_KEY  # what each loss averages over
     train_step = jit_train_step(
         make_train_step(loss_fn, optimizer, microbatches=opt_config.microbatches,
-                        weight_key=weight_key, spike=SpikeConfig.from_dict(config.train.spike),
+                        weight_key=weight_key, spike=config.train.spike,
                         lora=lora),
         mesh, state_sh, batch_sh, reference_sh)
     return StepProgram(

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geb_jax.config_sections import Section
 from geb_jax.errors import ConfigError
 
 INJECT_KINDS = ("garbage", "nonfinite")
@@ -30,8 +31,10 @@ SPIKE_POLICIES = ("none", "skip", "replace", "rewind")
 
 
 @dataclasses.dataclass(frozen=True)
-class SpikeConfig:
+class SpikeConfig(Section):
     """When is an update a spike, and what happens then (see module docstring)."""
+    SECTION = "train.spike"
+
     policy: str = "skip"  # none | skip | replace | rewind
     loss_factor: float = 2.0  # spike if loss > loss_factor x running mean loss
     grad_norm_factor: float = 10.0  # ... or grad norm > grad_norm_factor x its running mean
@@ -52,15 +55,6 @@ class SpikeConfig:
         if min(self.rewind_skip_batches, self.max_replacements, self.max_rewinds) < 0:
             raise ConfigError("train.spike.rewind_skip_batches, max_replacements and "
                               "max_rewinds must be >= 0.")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "SpikeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown train.spike field(s) {unknown}; known: {sorted(known)}.")
-        return cls(**dict(values))
-
 
 # ------------------------------------------------------------------- inside the step (jit)
 

@@ -30,7 +30,6 @@ until its cutoff is known.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -40,6 +39,7 @@ from geb_jax.data.clean import dedup, lang, lsh, quality, rules
 from geb_jax.data.clean._text import nbytes
 from geb_jax.data.clean.perplexity import (PerplexityFilter, PerplexityScorer,
                                            builtin_ngram_scorer, scorer_from_callable)
+from geb_jax.config_sections import Section
 from geb_jax.errors import ConfigError
 
 KNOWN_LANGS = ("en", "zh", "code", "other")
@@ -52,8 +52,9 @@ class CleaningConfigError(ConfigError):
 
 
 @dataclasses.dataclass(frozen=True)
-class CleaningConfig:
+class CleaningConfig(Section):
     """Switches and thresholds of every step (config section `data.clean`). See docs/data.md."""
+    SECTION, ERROR = "data.clean", CleaningConfigError
     # language identification (lang.py)
     lang_id: bool = True
     lang_allowed: str = "en,zh,code"  # comma-separated subset of en, zh, code, other
@@ -187,19 +188,9 @@ class CleaningConfig:
         if isinstance(section, cls):
             return section
         values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in values if k not in names]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, names, n=3)
-                hints.append(f"data.clean.{k}" + (f" (did you mean "
-                             f"{', '.join('data.clean.' + c for c in close)}?)" if close else ""))
-            raise CleaningConfigError("Unknown cleaning config field(s): " + "; ".join(hints)
-                                      + ". Fields: geb_jax/data/clean/chain.py CleaningConfig.")
         if isinstance(values.get("lang_allowed"), (list, tuple)):
             values["lang_allowed"] = ",".join(values["lang_allowed"])
-        return cls(**values)
+        return cls.from_dict(values)
 
 
 def default_cleaning_config() -> dict:
