@@ -43,6 +43,7 @@ from typing import Iterator, Sequence
 import ml_collections
 
 from geb_jax.atomic_io import atomic_file
+from geb_jax.config_loader import apply_overrides, load_config, split_overrides
 from geb_jax.data import bad_input as B
 from geb_jax.data.bad_input import SkipReport, SourceError
 from geb_jax.errors import ConfigError
@@ -191,29 +192,8 @@ def write_documents(path: str, documents) -> int:
 
 # -------------------------------------------------------------------------------- main
 
-def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separates --config.a.b=v (or --config.a.b v) overrides from the other arguments."""
-    rest, overrides = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            if "=" in arg:
-                overrides.append(arg[len("--config."):])
-            elif i + 1 < len(argv):
-                overrides.append(arg[len("--config."):] + "=" + argv[i + 1])
-                i += 1
-            else:
-                raise ConfigError(f"{arg} needs a value (--config.a.b=value).")
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
 def load_prepare_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """Loads the preset, adds default data.clean if missing, applies the overrides."""
-    from geb_jax.config_loader import apply_overrides, load_config
     from geb_jax.data.clean.chain import default_cleaning_config
     config = load_config(spec)
     if "data" not in config:
@@ -248,7 +228,7 @@ def parse_args(argv: Sequence[str]):
                              "DataflowRunner, ...): run the chain as a Beam pipeline; needs "
                              'pip install -e ".[beam]". Default: one Python process')
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    rest, overrides = _split_overrides(argv)
+    rest, overrides = split_overrides(argv)
     args, beam_args = parser.parse_known_args(rest)
     if beam_args and args.runner is None:
         parser.error(f"unrecognized arguments: {' '.join(beam_args)} (Beam pipeline options "

@@ -240,8 +240,7 @@ def pretokenized_documents(path: str, split: str, tokenizer: Tokenizer) -> grain
 
 # ----------------------------------------------------------------------------- CLI
 def main(argv: Iterable[str] | None = None) -> int:
-    from geb_jax.config_loader import apply_overrides, load_config
-    from geb_jax.data.prepare import _split_overrides
+    from geb_jax.config_loader import apply_overrides, load_config, split_overrides
     from geb_jax.errors import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -256,7 +255,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                         help="start a new shard after this many MB of ids")
     parser.add_argument("--no-progress", action="store_true")
     try:
-        rest, overrides = _split_overrides(argv)
+        rest, overrides = split_overrides(argv)
         args = parser.parse_args(rest)
         config = load_config(args.config)
         if overrides:
