@@ -226,6 +226,7 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
     import tqdm
 
     from geb_jax.data.clean import clean
+    from geb_jax.eval import filter_scorer  # pylint: disable=unused-import  # "model:<path>" scorers
 
     skipped = SkipReport()
     if inputs:

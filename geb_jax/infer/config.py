@@ -59,3 +59,15 @@ class InferConfig(ModelConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def config_dict(config: Any) -> dict:
+    """A model config given as a ModelConfig (any dataclass), a ConfigDict or a mapping, as a
+    plain dict (what export files store); TypeError for anything else."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        return dict(config.to_dict())
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"config must be a dataclass, ConfigDict or dict, got {type(config).__name__}")
