@@ -126,6 +126,18 @@ def test_no_import_cycles_between_geb_jax_modules():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def test_data_does_not_reach_up_into_models_or_serving():
+    """geb_jax.data is below the model, training, checkpoints, serving and evaluation: only its
+    CLI (data/prepare.py, the place that wires the cleaning chain to a model) may import them."""
+    upper = ("geb_jax.model", "geb_jax.train", "geb_jax.checkpoint", "geb_jax.infer",
+             "geb_jax.export", "geb_jax.eval")
+    graph = import_graph()
+    reaching = {name: sorted(m for m in deps if m.startswith(upper))
+                for name, deps in graph.items()
+                if name.startswith("geb_jax.data") and name != "geb_jax.data.prepare"}
+    assert not {k: v for k, v in reaching.items() if v}
+
+
 def _import_alone(name: str) -> tuple[str, int, str, float]:
     """`python -c "import name"` in a new interpreter: its exit status, stderr and wall time."""
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)

@@ -27,6 +27,7 @@ from geb_jax.data.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+# ----------------------------------------------------------------------------- SFT
 def _messages_of(conv: Any) -> Any:
     """A conversation is a list of messages or a dict with a "messages" list."""
     if isinstance(conv, Mapping) and "messages" in conv:
@@ -63,7 +64,7 @@ def sft_dataset(conversations_source: Source, tokenizer: Tokenizer, *, seq_len: 
     conversations_source = materialize(conversations_source)
     _check_conversations(conversations_source, name)
     docs = ordered_documents(conversations_source, seed=seed, shard_index=shard_index,
-                              shard_count=shard_count, num_epochs=num_epochs, name=name)
+                             shard_count=shard_count, num_epochs=num_epochs, name=name)
     row_len = seq_len + 1
     stats = stats if stats is not None else PipelineStats()
     warned = threading.Event()
@@ -177,7 +178,7 @@ def dpo_dataset(pairs_source: Source, tokenizer: Tokenizer, *, seq_len: int, bat
     for i, pair in enumerate(listed(pairs_source, name, "pairs") or ()):
         _check_pair(pair, f"{name}[{i}]")
     docs = ordered_documents(pairs_source, seed=seed, shard_index=shard_index,
-                              shard_count=shard_count, num_epochs=num_epochs, name=name)
+                             shard_count=shard_count, num_epochs=num_epochs, name=name)
     stats = stats if stats is not None else PipelineStats()
 
     def encode(pair):

@@ -60,7 +60,8 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 # ----------------------------------------------------------------------------- checks
 def check_pipeline_args(seq_len: int, batch_size: int, seed: int, shard_index: int,
-                  shard_count: int, num_epochs: int | None) -> None:
+                        shard_count: int, num_epochs: int | None) -> None:
+    """ValueError naming the first argument every pipeline shares that is out of range."""
     if not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2 (rows hold seq_len + 1 tokens, "
                          f"shifted into inputs/targets), got seq_len={seq_len!r}")

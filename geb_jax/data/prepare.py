@@ -226,7 +226,8 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
     import tqdm
 
     from geb_jax.data.clean import clean
-    from geb_jax.eval import filter_scorer  # pylint: disable=unused-import  # "model:<path>" scorers
+    # registers the scorers of data.clean.perplexity_model="model:<path>"
+    from geb_jax.eval import filter_scorer  # pylint: disable=unused-import
 
     skipped = SkipReport()
     if inputs:

@@ -27,6 +27,7 @@ from geb_jax.data.pipeline import (DEFAULT_PREFETCH, DEFAULT_READ_BUFFER, DEFAUL
 from geb_jax.data.tokenizer import Tokenizer
 
 
+# ----------------------------------------------------------------------------- packing
 def _tuple_slices(state: dict) -> dict:
     state = dict(state)
     state["remainder_slices"] = {k: tuple(int(x) for x in v)
@@ -88,7 +89,7 @@ def pretrain_dataset(texts_source: Source, tokenizer: Tokenizer, *, seq_len: int
     texts_source = materialize(texts_source)
     check_has_text(texts_source, name)
     docs = ordered_documents(texts_source, seed=seed, shard_index=shard_index,
-                              shard_count=shard_count, num_epochs=num_epochs, name=name)
+                             shard_count=shard_count, num_epochs=num_epochs, name=name)
     stats = stats if stats is not None else PipelineStats()
 
     def tokenize(doc):
@@ -105,6 +106,7 @@ def pretrain_dataset(texts_source: Source, tokenizer: Tokenizer, *, seq_len: int
     return finish_batches(ds, batch_size, drop_remainder, prefetch)
 
 
+# ----------------------------------------------------------------------------- mixtures
 def document_weights(token_shares: Mapping[str, float],
                      mean_tokens_per_document: Mapping[str, float]) -> dict[str, float]:
     """Document-level mixture weights that give the wanted token shares (normalised to 1)."""

@@ -89,8 +89,8 @@ def load_stage(stage_dir: str):
     except CheckpointError as e:  # the cleaning chain reports ModelScorerError as config error
         raise ModelScorerError(str(e)) from e
     if checkpoint.tokenizer_path is None:
-        raise ModelScorerError(f"{stage_dir}: no {SENTENCEPIECE_FILE} (or tokenizer/) in its workdir "
-                               f"({checkpoint.workdir}); the training run writes it there")
+        raise ModelScorerError(f"{stage_dir}: no {SENTENCEPIECE_FILE} (or tokenizer/) in its "
+                               f"workdir ({checkpoint.workdir}); the training run writes it there")
     tokenizer = load_tokenizer(checkpoint.tokenizer_path)
     tokenizer.check_matches_model(checkpoint.model_config.vocab_size, allow_padding=True)
     return jax.device_put(checkpoint.params), checkpoint.model_config, tokenizer
