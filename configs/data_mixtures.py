@@ -14,14 +14,14 @@ each path given on the command line, e.g. `--config.data.mixture.0.path='data/c4
 
 Weights are the papers' shares of the training data. `pipeline.mixture` mixes *documents* by
 weight; when documents of the sources have very different lengths, convert token shares to
-document weights with `pipeline.document_weights(shares, mean_tokens_per_document)`.
+document weights with `pretrain_pipeline.document_weights(shares, mean_tokens_per_document)`.
 """
 
 import os
 
 from geb_jax.config_base import parse_arg
 from geb_jax.config_loader import load_config
-from geb_jax.data.pipeline import GEB_TOKEN_SHARES, TINYLLAMA_TOKEN_SHARES
+from geb_jax.data.pretrain_pipeline import GEB_TOKEN_SHARES, TINYLLAMA_TOKEN_SHARES
 
 # GEB-1.3B (Wu et al., 2024): share of the pretraining data per source.
 GEB_SHARES = GEB_TOKEN_SHARES

@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from geb_jax.config_base import base_config  # noqa: E402
-from geb_jax.data import pipeline, pretokenize, sources  # noqa: E402
+from geb_jax.data import pretokenize, pretrain_pipeline, sources  # noqa: E402
 from geb_jax.data.corpus import builtin_documents  # noqa: E402
 from geb_jax.data.tokenizer import builtin_tokenizer  # noqa: E402
 
@@ -57,7 +57,7 @@ def write_corpus(path: str, megabytes: float) -> tuple[int, int]:
 
 
 def measure(texts_source, tokenizer, seq_len: int, batch_size: int) -> dict:
-    ds = pipeline.pretrain_dataset(texts_source, tokenizer, seq_len=seq_len,
+    ds = pretrain_pipeline.pretrain_dataset(texts_source, tokenizer, seq_len=seq_len,
                                    batch_size=batch_size, seed=0, num_epochs=1,
                                    read_threads=1, prefetch=0)
     wall, cpu = time.perf_counter(), time.process_time()

@@ -20,9 +20,12 @@ import pytest
 
 from geb_jax.config_base import base_config
 from geb_jax.data import chat_records as C
+from geb_jax.data import chat_pipeline as CP
 from geb_jax.data import pipeline as P
 from geb_jax.data import sources as S
+from geb_jax.data import tfds_source as T
 from geb_jax.data.chat_records import RecordError
+from geb_jax.data.demo_tasks import builtin_sft_conversations
 from geb_jax.data.tokenizer import builtin_tokenizer
 from geb_jax.train import inputs
 from tests.conftest import REPO_ROOT
@@ -492,7 +495,7 @@ def test_mixture_and_builtin(tmp_path, tok):
     assert want <= _sft_replies(ds, tok, want, max_batches=200)
     # builtin: the demo sets, exactly as before
     builtin = inputs.train_dataset(_config("builtin"), "sft", tok)
-    direct = P.sft_dataset(P.builtin_sft_conversations("train"), tok, seq_len=64, batch_size=2,
+    direct = CP.sft_dataset(builtin_sft_conversations("train"), tok, seq_len=64, batch_size=2,
                            seed=0)
     for x, y in zip(P.take(iter(builtin), 3), P.take(iter(direct), 3)):
         for k in P.BATCH_KEYS:
@@ -509,15 +512,15 @@ def test_tfds_records_plain_and_bad():
         {"messages": {"role": np.array([b"user"]), "content": np.array([b"q"])}},
         {"instruction": b"do", "output": b"r 2"},
     ]
-    src = S.TfdsRecords(data, "tfds x train", C.normalizer("sft"))
+    src = T.TfdsRecords(data, "tfds x train", C.normalizer("sft"))
     assert len(src) == 2 and src.skipped.as_dict()["skipped"] == {"no_assistant_turn": 1}
-    assert S.plain({"n": np.int64(3), "b": np.bytes_(b"x"), "t": (np.array([b"y"]),)}) == {
+    assert T.plain({"n": np.int64(3), "b": np.bytes_(b"x"), "t": (np.array([b"y"]),)}) == {
         "n": 3, "b": "x", "t": [["y"]]}
     assert src[0] == {"messages": [u("q"), a("r 0")], "source": "tfds x train[0]"}
     assert src[1]["source"] == "tfds x train[2]"
     with pytest.raises(S.SourceError, match=r"tfds x train\[1\]: no_assistant_turn"):
-        S.TfdsRecords(data, "tfds x train", C.normalizer("sft"), strict=True)
-    lazy = grain.MapDataset.source(S.TfdsRecords(data, "t", C.normalizer("sft"),
+        T.TfdsRecords(data, "tfds x train", C.normalizer("sft"), strict=True)
+    lazy = grain.MapDataset.source(T.TfdsRecords(data, "t", C.normalizer("sft"),
                                                  validate=False))
     assert [r["messages"][-1]["content"] for r in lazy.to_iter_dataset()] == ["r 0", "r 2"]
 
@@ -533,7 +536,7 @@ def test_tfds_source_through_inputs(tok, monkeypatch):
         asked.append((name, data_dir, split))
         return data, f"{name}:1.0.0"
 
-    monkeypatch.setattr(S, "_tfds_data_source", fake)
+    monkeypatch.setattr(S, "tfds_data_source", fake)  # the name sources.py calls
     config = _config("tfds", stage="dpo", tfds_name="prefs", tfds_data_dir="/d")
     ds = inputs.train_dataset(config, "dpo", tok)
     assert asked == [("prefs", "/d", "train")]

@@ -197,7 +197,7 @@ def _tokenizer():
 def test_few_dpo_steps_raise_held_out_preference():
     """From a random small model (reference = its start), 40 DPO steps on the training pairs
     make the implicit reward prefer chosen on most held-out pairs, in every pair family."""
-    from geb_jax.data.pipeline import dpo_dataset
+    from geb_jax.data.chat_pipeline import dpo_dataset
     from geb_jax.eval.jax_model import JaxLanguageModel
     from geb_jax.eval.preference import preference_accuracy
     from geb_jax.model import ModelConfig, init_params, make_apply

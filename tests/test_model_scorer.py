@@ -1,4 +1,5 @@
-"""The perplexity filter scored by a geb_jax model (geb_jax/data/clean/model_scorer.py).
+"""The perplexity filter scored by a geb_jax model (geb_jax/data/clean/model_scorer.py, backends
+in geb_jax/eval/filter_scorer.py).
 
 A tiny model (d 32, 2 layers, context 32) is trained for a few dozen Adam steps on one repeated
 sentence and saved the way a training stage is (workdir/pretrain/checkpoints + workdir/
@@ -10,6 +11,9 @@ import dataclasses
 import math
 import random
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +24,8 @@ import pytest
 from geb_jax.checkpoint import Checkpointer
 from geb_jax.config_base import base_config
 from geb_jax.data.clean import CleaningConfigError, clean, default_cleaning_config
-from geb_jax.data.clean.model_scorer import ModelScorerError, load_model_scorer
+from geb_jax.data.clean.model_scorer import ModelScorer, ModelScorerError
+from geb_jax.eval.filter_scorer import engine_row_nll, load_model_scorer
 from geb_jax.data.tokenizer import builtin_tokenizer
 from geb_jax.infer import save_npz_model
 from geb_jax.model import ModelConfig, init_params, make_apply
@@ -127,7 +132,6 @@ def test_scores_equal_float64_reference(trained, tok, model_config, backend):
 
 def test_zero_head_is_uniform(trained, tok, model_config):
     """Closed form: a zero lm_head gives logits 0, ln(V) nats a token: log2(V) * n / bytes."""
-    from geb_jax.data.clean.model_scorer import ModelScorer, engine_row_nll
     from geb_jax.infer import Weights
     params = dict(trained[0], lm_head=np.zeros_like(trained[0]["lm_head"]))
     row_nll, max_len = engine_row_nll(Weights.from_params(params,
@@ -168,3 +172,24 @@ def test_bad_model_path_is_a_config_error(tmp_path, trained):
     workdir = str(tmp_path.parent / trained[1].split("/")[-2])
     with pytest.raises(ModelScorerError, match=r"it is a workdir: name a stage.*pretrain"):
         load_model_scorer(workdir)
+
+
+def test_data_clean_scores_through_the_protocol_alone(tmp_path):
+    """In a fresh process the chain imports no model, checkpoint or serving code, and "model:"
+    without a registered backend is one config error saying what to import."""
+    code = textwrap.dedent(f"""
+        import sys
+        from geb_jax.data.clean import CleaningConfigError, clean, default_cleaning_config
+        cfg = dict(default_cleaning_config(), perplexity=True, perplexity_model="model:{tmp_path}")
+        try:
+            clean([{{"text": "x", "lang": "en"}}], cfg)
+        except CleaningConfigError as e:
+            print("error:", e)
+        print("loaded:", sorted(m for m in sys.modules if m.split(".")[:2] in (
+            ["geb_jax", "infer"], ["geb_jax", "model"], ["geb_jax", "checkpoint"],
+            ["geb_jax", "eval"]) or m == "jax"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    assert "import geb_jax.eval.filter_scorer first" in out, out
+    assert "loaded: []" in out, out

@@ -13,7 +13,9 @@ import grain
 import numpy as np
 import pytest
 
+from geb_jax.data import chat_pipeline as CP
 from geb_jax.data import pipeline as P
+from geb_jax.data import pretrain_pipeline as PP
 from geb_jax.data.chat import (chat_prompt, encode_chat, encode_reply, render_chat,
                                validate_messages)
 from geb_jax.data.corpus import builtin_documents
@@ -105,7 +107,7 @@ def assert_batches_equal(a, b):
 
 # ----------------------------------------------------------------------------- packing
 def test_pretrain_packing_reconstructs_documents(tok, texts):
-    ds = P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=4, seed=3, num_epochs=1,
+    ds = PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=4, seed=3, num_epochs=1,
                             drop_remainder=False)
     batches = collect(ds)
     assert set(batches[0]) == set(P.BATCH_KEYS)
@@ -145,7 +147,7 @@ def test_long_document_is_split_into_segments(tok):
     text = "A long document. " * 40
     ids = tok.encode(text, add_bos=True, add_eos=True)
     assert len(ids) > 3 * (SEQ + 1)
-    batches = collect(P.pretrain_dataset([text], tok, seq_len=SEQ, batch_size=2, seed=0,
+    batches = collect(PP.pretrain_dataset([text], tok, seq_len=SEQ, batch_size=2, seed=0,
                                          num_epochs=1, drop_remainder=False, prefetch=0))
     chunks = [full_row(r)[: (r["segment_ids"] > 0).sum() + 1] for r in rows(batches)]
     for r in rows(batches):
@@ -158,7 +160,7 @@ def test_long_document_is_split_into_segments(tok):
 # ----------------------------------------------------------------------------- determinism
 def test_determinism_and_seed(tok, texts):
     def first(seed):
-        return collect(P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=4, seed=seed),
+        return collect(PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=4, seed=seed),
                        n=6)
 
     a, b, c = first(5), first(5), first(6)
@@ -167,7 +169,7 @@ def test_determinism_and_seed(tok, texts):
 
 
 def test_epochs_are_reshuffled(tok, texts):
-    ds = P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=4, seed=1, num_epochs=2,
+    ds = PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=4, seed=1, num_epochs=2,
                             drop_remainder=False)
     docs = docs_from_stream(collect(ds), tok)
     n = len(encodings(tok, texts))
@@ -188,26 +190,26 @@ def _check_resume(make, n, m):
 
 @pytest.mark.parametrize("n", [0, 1, 3])
 def test_resume_pretrain(tok, texts, n):
-    _check_resume(lambda: P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=3, seed=9),
+    _check_resume(lambda: PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=3, seed=9),
                   n, 4)
 
 
 def test_resume_pretrain_mixture(tok):
-    _check_resume(lambda: P.builtin_pretrain_dataset(tok, seq_len=64, batch_size=2, seed=4,
+    _check_resume(lambda: PP.builtin_pretrain_dataset(tok, seq_len=64, batch_size=2, seed=4,
                                                      split="valid"), 5, 3)
 
 
 def test_resume_sft_and_dpo(tok):
     convs = builtin_sft_conversations("valid")
     pairs = builtin_dpo_pairs("valid")
-    _check_resume(lambda: P.sft_dataset(convs, tok, seq_len=128, batch_size=2, seed=2), 3, 3)
-    _check_resume(lambda: P.dpo_dataset(pairs, tok, seq_len=96, batch_size=2, seed=2), 3, 3)
+    _check_resume(lambda: CP.sft_dataset(convs, tok, seq_len=128, batch_size=2, seed=2), 3, 3)
+    _check_resume(lambda: CP.dpo_dataset(pairs, tok, seq_len=96, batch_size=2, seed=2), 3, 3)
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_set_state_accepts_json_round_trip_directly(tok, texts, prefetch):
     """Plain it.set_state(json.loads(...)) works too, including mid-document states."""
-    ds = P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=1, seed=1, prefetch=prefetch)
+    ds = PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=1, seed=1, prefetch=prefetch)
     it = iter(ds)
     split_docs = 0
     for _ in range(12):
@@ -222,7 +224,7 @@ def test_set_state_accepts_json_round_trip_directly(tok, texts, prefetch):
 
 def test_generator_source(tok):
     docs = (d for d in builtin_documents("valid"))  # dicts with "text", consumed once
-    batches = collect(P.pretrain_dataset(docs, tok, seq_len=SEQ, batch_size=2, seed=0,
+    batches = collect(PP.pretrain_dataset(docs, tok, seq_len=SEQ, batch_size=2, seed=0,
                                          num_epochs=1, drop_remainder=False, prefetch=0))
     assert sorted(docs_from_stream(batches, tok)) == encodings(
         tok, [d["text"] for d in builtin_documents("valid")])
@@ -231,7 +233,7 @@ def test_generator_source(tok):
 # ----------------------------------------------------------------------------- sharding
 def test_shards_are_disjoint_and_cover_the_epoch(tok, texts):
     def docs(i, epochs):
-        ds = P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=2, seed=7, shard_index=i,
+        ds = PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=2, seed=7, shard_index=i,
                                 shard_count=2, num_epochs=epochs, drop_remainder=False)
         return docs_from_stream(collect(ds), tok)
 
@@ -265,13 +267,13 @@ def test_mixture_proportions():
 
 def test_builtin_mixture_proportions_through_pipeline(tok):
     lang_of = {d["text"]: d["lang"] for d in builtin_documents("train")}
-    mix = P.builtin_mixture("train", seed=3)
+    mix = PP.builtin_mixture("train", seed=3)
     counts = collections.Counter(lang_of[mix[i]] for i in range(5000))
-    for k, w in P.builtin_mixture_weights.items():
-        assert abs(counts[k] / 5000 - w / sum(P.builtin_mixture_weights.values())) < 0.02
+    for k, w in PP.builtin_mixture_weights.items():
+        assert abs(counts[k] / 5000 - w / sum(PP.builtin_mixture_weights.values())) < 0.02
     # tokens by language after packing are close to the intended ~40/40/20 token shares
     enc = {tuple(tok.encode(t, add_bos=True, add_eos=True)): lang_of[t] for t in lang_of}
-    batches = collect(P.builtin_pretrain_dataset(tok, seq_len=512, batch_size=8, seed=3), n=40)
+    batches = collect(PP.builtin_pretrain_dataset(tok, seq_len=512, batch_size=8, seed=3), n=40)
     docs = docs_from_stream(batches, tok)[1:-1]  # the ends may be partial documents
     share = collections.Counter()
     for d in docs:
@@ -287,7 +289,7 @@ def test_mixture_of_iter_datasets(tok):
     assert isinstance(mix, grain.IterDataset)
     got = P.take(iter(mix), 400)
     assert abs(sum(s.startswith("a") for s in got) / 400 - 0.75) < 0.02
-    ds = P.pretrain_dataset(mix, tok, seq_len=SEQ, batch_size=2, seed=0)
+    ds = PP.pretrain_dataset(mix, tok, seq_len=SEQ, batch_size=2, seed=0)
     assert next(iter(ds))["inputs"].shape == (2, SEQ)
 
 
@@ -355,7 +357,7 @@ def test_sft_rows_mask_only_assistant_targets(tok):
     encoded = [encode_chat(tok, c["messages"]) for c in convs]
     stats = P.PipelineStats()
     seq = 160
-    ds = P.sft_dataset(convs, tok, seq_len=seq, batch_size=4, seed=1, num_epochs=1,
+    ds = CP.sft_dataset(convs, tok, seq_len=seq, batch_size=4, seed=1, num_epochs=1,
                        drop_remainder=False, stats=stats)
     seen, truncated = [], 0
     for row in rows(collect(ds)):
@@ -396,7 +398,7 @@ def test_dpo_rows(tok):
                   "chosen": "Kept reply 99.", "rejected": "Other 99."})
     stats = P.PipelineStats()
     seq = 48
-    batches = collect(P.dpo_dataset(pairs, tok, seq_len=seq, batch_size=4, seed=0,
+    batches = collect(CP.dpo_dataset(pairs, tok, seq_len=seq, batch_size=4, seed=0,
                                     num_epochs=1, drop_remainder=False, stats=stats))
     assert set(batches[0]) == {p + k for p in ("chosen_", "rejected_") for k in P.BATCH_KEYS}
     found = set()
@@ -428,13 +430,13 @@ def test_dpo_rows(tok):
 
 # ----------------------------------------------------------------------------- errors
 def test_errors(tok, texts):
-    for make in (P.pretrain_dataset, P.sft_dataset, P.dpo_dataset):
+    for make in (PP.pretrain_dataset, CP.sft_dataset, CP.dpo_dataset):
         with pytest.raises(ValueError, match="seq_len"):
             make(["x"], tok, seq_len=1, batch_size=2, seed=0)
     with pytest.raises(ValueError, match="texts_source.*no text"):
-        P.pretrain_dataset(["", ""], tok, seq_len=SEQ, batch_size=2, seed=0)
+        PP.pretrain_dataset(["", ""], tok, seq_len=SEQ, batch_size=2, seed=0)
     with pytest.raises(ValueError, match="'wiki'.*empty"):
-        P.pretrain_dataset([], tok, seq_len=SEQ, batch_size=2, seed=0, name="wiki")
+        PP.pretrain_dataset([], tok, seq_len=SEQ, batch_size=2, seed=0, name="wiki")
     with pytest.raises(ValueError, match="'zh'.*no text"):
         P.mixture({"en": ["a"], "zh": [""]}, {"en": 1, "zh": 1}, seed=0)
     with pytest.raises(ValueError, match="same names"):
@@ -442,13 +444,13 @@ def test_errors(tok, texts):
     with pytest.raises(ValueError, match="positive"):
         P.mixture({"en": ["a"]}, {"en": 0.0}, seed=0)
     with pytest.raises(ValueError, match=r"conversations_source\[1\]: message 0 .*'robot'"):
-        P.sft_dataset([CONV, [{"role": "robot", "content": "x"}]], tok, seq_len=SEQ,
+        CP.sft_dataset([CONV, [{"role": "robot", "content": "x"}]], tok, seq_len=SEQ,
                       batch_size=2, seed=0)
     with pytest.raises(ValueError, match=r"pairs_source\[0\] 'chosen' must be a str"):
-        P.dpo_dataset([{"prompt": "p", "chosen": None, "rejected": "r"}], tok, seq_len=SEQ,
+        CP.dpo_dataset([{"prompt": "p", "chosen": None, "rejected": "r"}], tok, seq_len=SEQ,
                       batch_size=2, seed=0)
     with pytest.raises(ValueError, match="shard_index"):
-        P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=2, seed=0, shard_index=2,
+        PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=2, seed=0, shard_index=2,
                            shard_count=2)
 
 
@@ -497,10 +499,10 @@ def test_batches_feed_the_losses(tok, texts):
         assert tokens.shape == positions.shape == segments.shape
         return jnp.zeros(tokens.shape + (vocab,), jnp.float32)
 
-    pre = collect(P.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=2, seed=0), n=1)[0]
-    sft = collect(P.sft_dataset(builtin_sft_conversations("valid"), tok, seq_len=128,
+    pre = collect(PP.pretrain_dataset(texts, tok, seq_len=SEQ, batch_size=2, seed=0), n=1)[0]
+    sft = collect(CP.sft_dataset(builtin_sft_conversations("valid"), tok, seq_len=128,
                                 batch_size=2, seed=0), n=1)[0]
-    dpo = collect(P.dpo_dataset(builtin_dpo_pairs("valid"), tok, seq_len=96, batch_size=2,
+    dpo = collect(CP.dpo_dataset(builtin_dpo_pairs("valid"), tok, seq_len=96, batch_size=2,
                                 seed=0), n=1)[0]
     for batch in (pre, sft):
         losses.check_batch_has_targets(batch)

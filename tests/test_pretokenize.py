@@ -13,6 +13,8 @@ import pytest
 from geb_jax.config_base import base_config
 from geb_jax.data import pipeline as P
 from geb_jax.data import pretokenize as PT
+from geb_jax.data import pretokenized as PR
+from geb_jax.data import pretrain_pipeline as PP
 from geb_jax.data import sources as S
 from geb_jax.data.corpus import builtin_texts
 from geb_jax.data.tokenizer import builtin_tokenizer
@@ -50,7 +52,7 @@ def written(tmp_path_factory, tok):
 
 
 def batches(source, tok, n=N_BATCHES, seed=3, state=None):
-    ds = P.pretrain_dataset(source, tok, seq_len=SEQ, batch_size=BATCH, seed=seed)
+    ds = PP.pretrain_dataset(source, tok, seq_len=SEQ, batch_size=BATCH, seed=seed)
     it = P.restore_iterator(ds, state) if state is not None else iter(ds)
     return P.take(it, n), it
 
@@ -64,14 +66,14 @@ def assert_same(a, b):
 
 
 def test_manifest_counts_equal_the_tokenizer(written, tok):
-    manifest = PT.read_manifest(written["all"])
+    manifest = PR.read_manifest(written["all"])
     assert manifest["tokenizer"]["vocab_size"] == tok.vocab_size == 512
     for split in ("train", "valid"):
         texts = list(builtin_texts(split))
         entry = manifest["splits"][split]
         assert entry["documents"] == len(texts)
         assert entry["tokens"] == sum(len(tok.encode(t)) + 2 for t in texts if t)
-        docs = PT.pretokenized_documents(written["all"], split, tok)
+        docs = PR.pretokenized_documents(written["all"], split, tok)
         for i in (0, len(texts) // 2, len(texts) - 1):  # random access, exact ids
             assert docs[i]["tokens"].tolist() == tok.encode(texts[i], add_bos=True,
                                                             add_eos=True)
@@ -104,7 +106,7 @@ def test_same_batches_for_a_mixture(written, tok):
 
 def test_other_tokenizer_is_refused(written, tok, cache_dir):
     other = builtin_tokenizer(640, cache_dir=cache_dir)
-    with pytest.raises(PT.PretokenizedError, match=r"tokenized by another tokenizer.*vocab 512"
+    with pytest.raises(PR.PretokenizedError, match=r"tokenized by another tokenizer.*vocab 512"
                                                    r".*vocab 640.*Pre-tokenize again"):
         S.texts_source_from_config(config_for(source="pretokenized", path=written["all"]).data,
                                    "train", seed=0, tokenizer=other)
@@ -114,16 +116,16 @@ def test_other_tokenizer_is_refused(written, tok, cache_dir):
 
 
 def test_folder_errors(written, tok, tmp_path):
-    with pytest.raises(PT.PretokenizedError, match=r"not a pre-tokenized folder.*--out"):
-        PT.pretokenized_documents(str(tmp_path), "train", tok)
-    manifest = PT.read_manifest(written["all"])
+    with pytest.raises(PR.PretokenizedError, match=r"not a pre-tokenized folder.*--out"):
+        PR.pretokenized_documents(str(tmp_path), "train", tok)
+    manifest = PR.read_manifest(written["all"])
     del manifest["splits"]["valid"]
-    (tmp_path / PT.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(PT.PretokenizedError, match=r"no 'valid' split.*--splits train,valid"):
-        PT.pretokenized_documents(str(tmp_path), "valid", tok)
-    with pytest.raises(PT.PretokenizedError, match="shard"):
-        PT.pretokenized_documents(str(tmp_path), "train", tok)  # shards not copied here
-    with pytest.raises(PT.PretokenizedError, match="mixture entry"):
+    (tmp_path / PR.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(PR.PretokenizedError, match=r"no 'valid' split.*--splits train,valid"):
+        PR.pretokenized_documents(str(tmp_path), "valid", tok)
+    with pytest.raises(PR.PretokenizedError, match="shard"):
+        PR.pretokenized_documents(str(tmp_path), "train", tok)  # shards not copied here
+    with pytest.raises(PR.PretokenizedError, match="mixture entry"):
         PT.pretokenize(config_for(source="mixture"), str(tmp_path / "x"), tokenizer=tok)
 
 
@@ -142,11 +144,11 @@ def test_cli_shards_atomically(tmp_path, cache_dir, tok, monkeypatch, capsys):
     assert code == 0, printed.err
     assert "301 documents" in printed.out
     assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "out"]  # no temporary folder left
-    manifest = PT.read_manifest(str(out))
+    manifest = PR.read_manifest(str(out))
     shards = manifest["splits"]["train"]["shards"]
     assert len(shards) > 1 and sum(s["documents"] for s in shards) == 301
     assert manifest["splits"]["train"]["empty"] == 1
-    docs_back = PT.pretokenized_documents(str(out), "train", tok)
+    docs_back = PR.pretokenized_documents(str(out), "train", tok)
     assert [d["tokens"].tolist() for d in docs_back] == [
         tok.encode(t, add_bos=True, add_eos=True) if t else [] for t in texts]
     code = PT.main(["--config", "configs/tiny.py", "--out", str(tmp_path / "o2"),

@@ -21,7 +21,9 @@ import pytest
 
 from geb_jax.config_base import base_config
 from geb_jax.data import pipeline as P
+from geb_jax.data import pretrain_pipeline as PP
 from geb_jax.data import sources as S
+from geb_jax.data import tfds_source as T
 from geb_jax.data.corpus import builtin_documents
 from geb_jax.data.tokenizer import builtin_tokenizer
 
@@ -256,7 +258,7 @@ def test_bad_input_unvalidated_never_crashes_mid_run(bad_dir, tok):
     assert texts == ["good one", "", "", "", "", "", "good two"]
     skipped = S.local_source(ds).skipped
     assert skipped.counts["record too large"] == 1 and skipped.counts["invalid JSON"] == 1
-    batches = list(P.pretrain_dataset(ds, tok, seq_len=8, batch_size=1, seed=0, num_epochs=1,
+    batches = list(PP.pretrain_dataset(ds, tok, seq_len=8, batch_size=1, seed=0, num_epochs=1,
                                       drop_remainder=False, prefetch=0))
     rows = [np.concatenate([b["inputs"][0], b["targets"][0, -1:]]) for b in batches]
     assert tok.decode(np.concatenate(rows)) in ("good onegood two", "good twogood one")
@@ -314,8 +316,8 @@ def test_tfds_builder_roundtrip_offline(tfds_built, monkeypatch):
     monkeypatch.setattr(tfds, "data_source", spy)
     name, data_dir, docs = tfds_built["name"], tfds_built["data_dir"], tfds_built["docs"]
     assert name == "geb_local_text"
-    train = S.tfds_documents(name, data_dir=data_dir, split="train")
-    valid = S.tfds_documents(name, data_dir=data_dir, split="validation")
+    train = T.tfds_documents(name, data_dir=data_dir, split="train")
+    valid = T.tfds_documents(name, data_dir=data_dir, split="validation")
     assert calls and all(c["download"] is False for c in calls)
     assert isinstance(train, grain.MapDataset) and len(train) + len(valid) == len(docs)
     tr, va = all_texts(train), all_texts(valid)
@@ -337,20 +339,20 @@ def test_tfds_builder_is_deterministic_reused_and_guarded(tfds_built, tmp_path):
     b = tfds_built["builder"]
     other = str(tmp_path / "again")
     assert b.build_local_tfds(tfds_built["pattern"], other, valid_fraction=0.3) == b.NAME
-    first = all_texts(S.tfds_documents(b.NAME, data_dir=tfds_built["data_dir"], split="train"))
-    second = all_texts(S.tfds_documents(b.NAME, data_dir=other, split="train"))
+    first = all_texts(T.tfds_documents(b.NAME, data_dir=tfds_built["data_dir"], split="train"))
+    second = all_texts(T.tfds_documents(b.NAME, data_dir=other, split="train"))
     assert first == second  # same order in every build
     # Same inputs: reused. Other inputs: refused unless overwrite=True.
     assert b.build_local_tfds(tfds_built["pattern"], other, valid_fraction=0.3) == b.NAME
     with pytest.raises(FileExistsError, match="overwrite=True"):
         b.build_local_tfds(tfds_built["pattern"], other, valid_fraction=0.5)
     b.build_local_tfds(tfds_built["pattern"], other, valid_fraction=0.5, overwrite=True)
-    half = S.tfds_documents(b.NAME, data_dir=other, split="validation")
+    half = T.tfds_documents(b.NAME, data_dir=other, split="validation")
     assert {S.split_of(t, 0.5) for t in all_texts(half)} == {"valid"}
     # A named config: several datasets in one data_dir.
     name = b.build_local_tfds(tfds_built["pattern"], other, valid_fraction=0.3, config="mine")
     assert name == "geb_local_text/mine"
-    assert sorted(all_texts(S.tfds_documents(name, data_dir=other, split="train"))) == \
+    assert sorted(all_texts(T.tfds_documents(name, data_dir=other, split="train"))) == \
         sorted(first)
 
 
@@ -359,27 +361,27 @@ def test_tfds_builder_reads_parquet_and_txt(corpus_dir, tmp_path):
 
     name = build_local_tfds([corpus_dir["parquet"][0], corpus_dir["txt"][0]], str(tmp_path),
                             valid_fraction=0.0)
-    ds = S.tfds_documents(name, data_dir=str(tmp_path), split="train")
+    ds = T.tfds_documents(name, data_dir=str(tmp_path), split="train")
     assert sorted(all_texts(ds)) == sorted(corpus_dir["parquet"][1] + corpus_dir["txt"][1])
     with pytest.raises(S.SourceError, match="no split 'validation'.*'train'"):
-        S.tfds_documents(name, data_dir=str(tmp_path), split="validation")
+        T.tfds_documents(name, data_dir=str(tmp_path), split="validation")
 
 
 def test_tfds_missing_dataset_clear_error(tfds_built, tmp_path):
     empty = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError) as e:
-        S.tfds_documents("geb_local_text", data_dir=empty, split="train")
+        T.tfds_documents("geb_local_text", data_dir=empty, split="train")
     msg = str(e.value)
     assert "'geb_local_text'" in msg and empty in msg and "never downloads" in msg
     assert "build_local_tfds" in msg
     with pytest.raises(FileNotFoundError, match="'c4/en:3.1.0'"):
-        S.tfds_documents("c4/en:3.1.0", data_dir=tfds_built["data_dir"], split="train")
+        T.tfds_documents("c4/en:3.1.0", data_dir=tfds_built["data_dir"], split="train")
     assert not os.path.exists(empty)  # nothing was created, nothing downloaded
     with pytest.raises(S.SourceError, match="no feature 'body'.*'source', 'text'"):
-        S.tfds_documents("geb_local_text", data_dir=tfds_built["data_dir"], split="train",
+        T.tfds_documents("geb_local_text", data_dir=tfds_built["data_dir"], split="train",
                          field="body")
     with pytest.raises(S.SourceError, match="no split 'test'"):
-        S.tfds_documents("geb_local_text", data_dir=tfds_built["data_dir"], split="test")
+        T.tfds_documents("geb_local_text", data_dir=tfds_built["data_dir"], split="test")
 
 
 # ----------------------------------------------------------------------------- config
@@ -475,7 +477,7 @@ def test_config_without_new_fields_uses_defaults():
 def test_pretrain_dataset_accepts_every_source(corpus_dir, tfds_built, tok):
     datasets = {kind: S.local_documents(pattern) for kind, (pattern, _) in corpus_dir.items()}
     datasets["paragraphs"] = S.local_documents(corpus_dir["txt"][0], txt_unit="paragraph")
-    datasets["tfds"] = S.tfds_documents(tfds_built["name"], data_dir=tfds_built["data_dir"],
+    datasets["tfds"] = T.tfds_documents(tfds_built["name"], data_dir=tfds_built["data_dir"],
                                         split="train")
     datasets["builtin"] = S.documents_from_config(data_config(), "valid")
     datasets["local_split"] = S.documents_from_config(
@@ -485,7 +487,7 @@ def test_pretrain_dataset_accepts_every_source(corpus_dir, tfds_built, tok):
                                     "valid_fraction": 0.0, "weight": 1.0},
                                    {"source": "builtin", "weight": 1.0}]), "train", seed=0)
     for name, ds in datasets.items():
-        batches = P.pretrain_dataset(ds, tok, seq_len=SEQ, batch_size=2, seed=0,
+        batches = PP.pretrain_dataset(ds, tok, seq_len=SEQ, batch_size=2, seed=0,
                                      read_threads=1, prefetch=0, name=name)
         batch = next(iter(batches))
         assert set(batch) == set(P.BATCH_KEYS), name

@@ -39,7 +39,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from geb_jax.checkpoint.published import read_published
 from geb_jax.data.demo_tasks import builtin_dpo_pairs
-from geb_jax.data.pipeline import PipelineStats, dpo_example
+from geb_jax.data.chat_pipeline import dpo_example
+from geb_jax.data.pipeline import PipelineStats
 from geb_jax.data.tokenizer_files import save_tokenizer
 from geb_jax.export.hf import save_hf_checkpoint
 from geb_jax.model import make_apply

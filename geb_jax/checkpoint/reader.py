@@ -5,9 +5,10 @@
     stage.config                                   # the run config saved with that step
     stage.tokenizer_path                           # runs/tiny/tokenizer.model (or tokenizer/)
 
-Layout (written by training, see manager.py): <workdir>/<stage>/checkpoints/<step>/{state,
-data_state, config, meta} and <workdir>/tokenizer.model (ours) or <workdir>/tokenizer/ (a
-published model's, data/tokenizer_files.py).
+Layout (written by training, see manager.py and integrity.py):
+<workdir>/<stage>/checkpoints/<step>/{state, data_state, config, meta} and
+<workdir>/tokenizer.model (ours) or <workdir>/tokenizer/ (a published model's,
+data/tokenizer_files.py).
 
 Why not `Checkpointer.restore`: creating a Checkpointer deletes leftover temporary step
 folders (orbax's cleanup_tmp_directories), and one of those may be the save in flight of a run
@@ -16,7 +17,7 @@ from the optimizer config. Here orbax's item handlers open single items instead,
 created or deleted. Only the parameters are read (orbax's partial restore: the optimizer
 moments, about twice the parameters, stay on disk), onto one CPU device, and every parameter
 is compared with the checksum recorded at save time (the META item; same check and messages as
-`Checkpointer.restore`, via manager.step_marker_problem / manager.checksum_problem). With
+`Checkpointer.restore`, via integrity.step_marker_problem / integrity.checksum_problem). With
 step=None an unusable step is skipped with a WARNING and the previous one read, as
 `Checkpointer.restore` does; an explicit step is read or raises.
 
@@ -91,7 +92,7 @@ def read_stage(stage_dir: str | os.PathLike, step: int | None = None,
     stages that do exist in its workdir), no committed step, the explicit step is missing or
     unusable, or no step is usable.
     """
-    from geb_jax.checkpoint.manager import CheckpointError
+    from geb_jax.checkpoint.integrity import CheckpointError
     from geb_jax.model import ModelConfig
 
     stage_dir = os.path.abspath(os.fspath(stage_dir))
@@ -138,7 +139,7 @@ def read_stage(stage_dir: str | os.PathLike, step: int | None = None,
 
 
 def _check_stage_exists(stage_dir: str, checkpoints: str) -> None:
-    from geb_jax.checkpoint.manager import CheckpointError
+    from geb_jax.checkpoint.integrity import CheckpointError
 
     if os.path.isdir(checkpoints):
         return
@@ -164,8 +165,8 @@ def _read_step(step_dir: str, step: int, merge_lora: bool = True
     import orbax.checkpoint as ocp
     from etils import epath
 
-    from geb_jax.checkpoint.manager import (CONFIG_ITEM, META_ITEM, STATE_ITEM, CheckpointError,
-                                            _short, checksum_problem, step_marker_problem)
+    from geb_jax.checkpoint.integrity import (CONFIG_ITEM, META_ITEM, STATE_ITEM, CheckpointError,
+                                              checksum_problem, short_error, step_marker_problem)
 
     problem = step_marker_problem(step_dir)
     if problem is not None:
@@ -176,7 +177,8 @@ def _read_step(step_dir: str, step: int, merge_lora: bool = True
         config = json_handler.restore(path / CONFIG_ITEM, args=ocp.args.JsonRestore())
         meta = json_handler.restore(path / META_ITEM, args=ocp.args.JsonRestore())
     except Exception as e:  # noqa: BLE001  unreadable JSON: treat as corruption
-        return None, None, f"reading its config/meta failed ({type(e).__name__}: {_short(e)})"
+        return None, None, (f"reading its config/meta failed ({type(e).__name__}: "
+                            f"{short_error(e)})")
     if not isinstance(config, dict) or not isinstance(meta, dict):
         return None, None, "its config or meta item did not restore to a dict"
 
@@ -186,7 +188,7 @@ def _read_step(step_dir: str, step: int, merge_lora: bool = True
             stored = state_handler.metadata(path / STATE_ITEM)
         except Exception as e:  # noqa: BLE001
             return None, None, (f"cannot read the state metadata ({type(e).__name__}: "
-                                f"{_short(e)})")
+                                f"{short_error(e)})")
         stored = getattr(stored, "tree", stored)
         if not isinstance(stored, dict) or PARAMS_KEY not in stored:
             raise CheckpointError(f"{step_dir}/{STATE_ITEM} holds no {PARAMS_KEY!r} subtree: not "
@@ -204,7 +206,7 @@ def _read_step(step_dir: str, step: int, merge_lora: bool = True
             restored = state_handler.restore(path / STATE_ITEM, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True))
         except Exception as e:  # noqa: BLE001  orbax/tensorstore raise many types
-            return None, None, f"reading it failed ({type(e).__name__}: {_short(e)})"
+            return None, None, f"reading it failed ({type(e).__name__}: {short_error(e)})"
     finally:
         state_handler.close()
     problem = checksum_problem(meta, step, restored, whole_state=False)

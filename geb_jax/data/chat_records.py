@@ -5,7 +5,7 @@ Pure functions, no I/O: `to_sft(record, format)` and `to_dpo(record, format)` re
     SFT  {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
     DPO  {"prompt": [messages], "chosen": str, "rejected": str}
 
-(what pipeline.sft_dataset / pipeline.dpo_dataset read), or raise `RecordError` whose `reason`
+(what chat_pipeline.sft_dataset / dpo_dataset read), or raise `RecordError` whose `reason`
 is one of the short stable codes in REASONS (counted per reason in the source's SkipReport).
 
 Layouts (config.data.format; "auto" detects one per record from its keys, in this order):

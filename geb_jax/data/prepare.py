@@ -272,6 +272,8 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
     import tqdm
 
     from geb_jax.data.clean import clean
+    # registers the scorers of data.clean.perplexity_model="model:<path>"
+    from geb_jax.eval import filter_scorer  # pylint: disable=unused-import
 
     skipped = SkipReport()
     paths, documents, total = open_input(config, inputs, split, skipped)

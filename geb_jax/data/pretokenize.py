@@ -19,7 +19,8 @@ exactly as it does on the fly - the same seed gives exactly the same batches fro
 (tests/test_pretokenize.py checks it), and seq_len / batch size can change without
 re-tokenizing. Records are written with group_size 1 for true random access (grain's
 ArrayRecordDataSource). The tokenizer's hash is checked when a run opens the folder: ids made
-by another tokenizer are an error, never silently wrong training data.
+by another tokenizer are an error, never silently wrong training data (data/pretokenized.py
+reads the folders back).
 """
 from __future__ import annotations
 
@@ -28,25 +29,19 @@ import json
 import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-import grain
 import numpy as np
 
 from geb_jax.atomic_io import atomic_folder
+from geb_jax.data import sources
 from geb_jax.data.bad_input import SourceError
+from geb_jax.data.pipeline import text_of
+from geb_jax.data.pretokenized import DTYPE, FORMAT, MANIFEST, VERSION, PretokenizedError
 from geb_jax.data.tokenizer import Tokenizer, builtin_tokenizer, fingerprint
 
-FORMAT = "geb_jax.pretokenized"
-VERSION = 1
-MANIFEST = "manifest.json"
-DTYPE = "<i4"  # little-endian int32 on disk, whatever the machine
 DEFAULT_SHARD_MB = 256
 ENCODE_CHUNK = 256  # documents per SentencePiece batch call
-
-
-class PretokenizedError(SourceError):
-    """A pre-tokenized folder that is missing, malformed or made by another tokenizer."""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -58,11 +53,6 @@ def document_ids(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]
                                                    add_eos=True)):
         out[i] = np.asarray(ids, np.int32)
     return out
-
-
-def _text(doc: Any) -> str:
-    from geb_jax.data.pipeline import _text_of
-    return _text_of(doc)
 
 
 def write_split(documents, tokenizer: Tokenizer, folder: str, split: str, *,
@@ -90,7 +80,7 @@ def write_split(documents, tokenizer: Tokenizer, folder: str, split: str, *,
                     dynamic_ncols=True)
     try:
         for start in range(0, n, ENCODE_CHUNK):
-            texts = [_text(documents[i]) for i in range(start, min(start + ENCODE_CHUNK, n))]
+            texts = [text_of(documents[i]) for i in range(start, min(start + ENCODE_CHUNK, n))]
             for ids in document_ids(tokenizer, texts):
                 if writer is None or written >= shard_bytes:
                     close()
@@ -155,8 +145,6 @@ def pretokenize(config, out: str, splits: Sequence[str] = ("train", "valid"), *,
                 shard_mb: float = DEFAULT_SHARD_MB, progress: bool = True,
                 tokenizer: Tokenizer | None = None) -> dict:
     """Tokenizes config.data's splits into `out` (atomically); returns the manifest."""
-    from geb_jax.data import sources
-
     tokenizer = tokenizer or run_tokenizer(config)
     if config.data.get("source") in ("mixture", "pretokenized"):
         raise PretokenizedError(
@@ -177,65 +165,6 @@ def pretokenize(config, out: str, splits: Sequence[str] = ("train", "valid"), *,
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
     return manifest
-
-
-# ----------------------------------------------------------------------------- reading
-def read_manifest(path: str) -> dict:
-    file = os.path.join(path, MANIFEST)
-    if not os.path.isfile(file):
-        raise PretokenizedError(f"{path!r} is not a pre-tokenized folder (no {MANIFEST}): "
-                                f"write one with python -m geb_jax.data.pretokenize --config "
-                                f"... --out {path}")
-    try:
-        with open(file, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PretokenizedError(f"{file}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise PretokenizedError(f"{file}: format {manifest.get('format')!r} version "
-                                f"{manifest.get('version')!r}; expected {FORMAT!r} {VERSION}")
-    return manifest
-
-
-def check_tokenizer(manifest: dict, tokenizer: Tokenizer, path: str) -> None:
-    """PretokenizedError unless `tokenizer` is the one that made the ids in `path`."""
-    made_by = manifest["tokenizer"]
-    if made_by["sha256"] != fingerprint(tokenizer):
-        raise PretokenizedError(
-            f"{path!r} was tokenized by another tokenizer: its manifest says sha256 "
-            f"{made_by['sha256'][:16]}... (vocab {made_by['vocab_size']}, {made_by['path']}), "
-            f"this run's tokenizer is sha256 {fingerprint(tokenizer)[:16]}... (vocab "
-            f"{tokenizer.vocab_size}, {tokenizer.path}). Pre-tokenize again with this run's "
-            f"config, or set data.tokenizer to the tokenizer it was made with.")
-
-
-class _DecodeTokens:
-    """array_record bytes -> {"tokens": int32 ids} (picklable, for grain workers)."""
-
-    def __call__(self, record: bytes) -> dict:
-        return {"tokens": np.frombuffer(record, DTYPE).astype(np.int32)}
-
-
-def pretokenized_documents(path: str, split: str, tokenizer: Tokenizer) -> grain.MapDataset:
-    """The split's documents as {"tokens": ids} (random access), checked against `tokenizer`."""
-    path = os.path.expanduser(os.fspath(path))
-    manifest = read_manifest(path)
-    check_tokenizer(manifest, tokenizer, path)
-    entry = manifest["splits"].get(split)
-    if entry is None:
-        raise PretokenizedError(f"{path!r} has no {split!r} split (it has "
-                                f"{', '.join(manifest['splits']) or 'none'}): pre-tokenize with "
-                                f"--splits {','.join([*manifest['splits'], split])}")
-    files = [os.path.join(path, s["file"]) for s in entry["shards"]]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing or not files:
-        raise PretokenizedError(f"{path!r}: {split} shard(s) missing: "
-                                f"{', '.join(missing) or 'none listed'}")
-    source = grain.sources.ArrayRecordDataSource(files)
-    if len(source) != entry["documents"]:
-        raise PretokenizedError(f"{path!r}: the {split} shards hold {len(source)} records but "
-                                f"the manifest says {entry['documents']}")
-    return grain.MapDataset.source(source).map(_DecodeTokens())
 
 
 # ----------------------------------------------------------------------------- CLI

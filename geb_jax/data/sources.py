@@ -2,22 +2,24 @@
 
 Each source is a `grain.MapDataset` of documents - dicts {"text": str, "source": str} (plus
 "lang" when one is known) - with random access (`ds[i]`, `len(ds)`), so grain can shuffle,
-shard and checkpoint it by index; `pipeline.pretrain_dataset` accepts any of them as is.
+shard and checkpoint it by index; `pretrain_pipeline.pretrain_dataset` accepts any as is.
 
     builtin_source(split, lang)          the corpus shipped in geb_jax/data/builtin
     local_documents(pattern, ...)        .txt / .jsonl / .jsonl.gz / .parquet files by glob
     tfds_documents(name, data_dir, ...)  a tensorflow-datasets dataset already prepared on disk
-                                         (array_record or parquet; never downloads; no
-                                         TensorFlow needed). tfds_builder.build_local_tfds
-                                         prepares one from local files.
+                                         (data/tfds_source.py: array_record or parquet; never
+                                         downloads; no TensorFlow needed).
+                                         tfds_builder.build_local_tfds prepares one from local
+                                         files.
     documents_from_config(config.data, split)   dispatch on config.data.source, including
                                          "mixture" (-> `Mixture`, the arguments of
                                          pipeline.mixture); texts_source_from_config also
                                          applies the mixture.
 
     pretokenized_documents(path, split, tokenizer)   token ids written by
-                                         geb_jax.data.pretokenize (array_record), checked
-                                         against the run's tokenizer (data.source="pretokenized")
+                                         geb_jax.data.pretokenize (array_record), read by
+                                         data/pretokenized.py and checked against the run's
+                                         tokenizer (data.source="pretokenized")
 
 Local files (`local_documents`): see geb_jax/data/local_files.py for the formats, the index,
 memory limits and bad input. In short: malformed records (empty files, invalid UTF-8, records
@@ -47,20 +49,21 @@ built from files has the same train/validation documents as the "local" source o
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import re
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
-
 import logging
+import os
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import grain
 import numpy as np
 
 from geb_jax.data import chat_records
-from geb_jax.data.bad_input import (DEFAULT_MAX_RECORD_BYTES, MissingInputError, SkipReport,
-                                    SourceError)
+from geb_jax.data.bad_input import DEFAULT_MAX_RECORD_BYTES, SkipReport, SourceError
+from geb_jax.data.corpus import builtin_documents
+from geb_jax.data.demo_tasks import builtin_dpo_pairs, builtin_sft_conversations
 from geb_jax.data.local_files import BAD_RECORDS, SUFFIXES, TXT_UNITS, LocalSource
+from geb_jax.data.pipeline import mixture
+from geb_jax.data.pretokenized import pretokenized_documents
+from geb_jax.data.tfds_source import TfdsRecords, tfds_data_source, tfds_documents
 
 SOURCES = ("builtin", "local", "tfds", "pretokenized", "mixture")
 SPLITS = ("train", "valid")
@@ -126,13 +129,6 @@ def local_source(dataset: grain.MapDataset) -> LocalSource | None:
     return None
 
 
-def _decode(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SourceError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-
-
 class _Subset:
     """Documents `indices` of a random-access source, in that order."""
 
@@ -189,204 +185,9 @@ def local_documents(pattern: str | os.PathLike | Sequence[str | os.PathLike], *,
 # ----------------------------------------------------------------------------- builtin
 def builtin_source(split: str, lang: str | Iterable[str] | None = None) -> grain.MapDataset:
     """The built-in corpus (corpus.builtin_documents) as a MapDataset; `lang` filters."""
-    from geb_jax.data.corpus import builtin_documents
-
     if isinstance(lang, str):
         lang = tuple(x.strip() for x in lang.split(",") if x.strip()) or None
     return grain.MapDataset.source(list(builtin_documents(split, lang)))
-
-
-# ----------------------------------------------------------------------------- tfds
-_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
-
-
-def _version_key(v: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in v.split("."))
-
-
-def _prepared_versions(folder: str) -> list[str]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted((v for v in os.listdir(folder) if _VERSION_RE.match(v)
-                   and os.path.isfile(os.path.join(folder, v, "dataset_info.json"))),
-                  key=_version_key)
-
-
-def default_tfds_data_dir() -> str:
-    return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"),
-                                                            "tensorflow_datasets")
-
-
-def find_prepared_tfds(name: str, data_dir: str) -> tuple[str, str]:
-    """(name/config:version, its folder) of a dataset prepared under data_dir; never downloads.
-
-    `name` is "dataset[/config][:version]"; without a version the newest prepared one is used,
-    without a config the dataset's only prepared config (or none). FileNotFoundError (naming
-    the dataset and data_dir, and how to prepare it) when nothing is there.
-    """
-    base_config, _, version = name.partition(":")
-    base, _, config = base_config.partition("/")
-    if not base:
-        raise SourceError(f"empty tfds dataset name {name!r}")
-    root = os.path.join(data_dir, base)
-    if not config and not _prepared_versions(root) and os.path.isdir(root):
-        configs = sorted(c for c in os.listdir(root)
-                         if not _VERSION_RE.match(c) and _prepared_versions(os.path.join(root, c)))
-        if len(configs) > 1:
-            raise SourceError(f"tfds dataset {base!r} has several configs prepared under "
-                              f"{data_dir!r} ({', '.join(configs)}): name one, e.g. "
-                              f"'{base}/{configs[0]}'")
-        if configs:
-            config = configs[0]
-    folder = os.path.join(root, config) if config else root
-    versions = _prepared_versions(folder)
-    if version and version not in versions:
-        versions = []
-    if not versions:
-        raise MissingInputError(
-            f"tfds dataset {name!r} is not prepared under data_dir {data_dir!r} (no "
-            f"{os.path.join(folder, version or '<version>', 'dataset_info.json')}). "
-            f"tfds_documents never downloads: prepare it first - for local files with "
-            f"geb_jax.data.tfds_builder.build_local_tfds(pattern, {data_dir!r}) (read back as "
-            f"'geb_local_text'), for a tfds catalog dataset with tfds.builder({base!r}, "
-            f"data_dir=..., file_format='array_record').download_and_prepare() on a machine "
-            f"with network access, then copy its folder under this data_dir")
-    version = version or versions[-1]
-    full = f"{base}/{config}:{version}" if config else f"{base}:{version}"
-    return full, os.path.join(folder, version)
-
-
-class _DecodeTfds:
-    """tfds example -> document: `field` decoded into "text", other UTF-8 bytes decoded."""
-
-    def __init__(self, field: str, lang: str | None, where: str):
-        self.field, self.lang, self.where = field, lang or None, where
-
-    def __call__(self, example: Mapping[str, Any]) -> dict:
-        doc = {}
-        for k, v in example.items():
-            if isinstance(v, bytes):
-                try:
-                    v = v.decode("utf-8")
-                except UnicodeDecodeError:
-                    pass
-            doc[k] = v
-        text = example[self.field]
-        if isinstance(text, bytes):
-            text = _decode(text, f"{self.where} field {self.field!r}")
-        if not isinstance(text, str):
-            raise SourceError(f"{self.where}: feature {self.field!r} is a "
-                              f"{type(text).__name__}, not text")
-        doc["text"] = text
-        if self.lang:
-            doc["lang"] = self.lang
-        return doc
-
-
-def tfds_documents(name: str, *, data_dir: str | os.PathLike | None, split: str,
-                   field: str = "text", lang: str | None = None) -> grain.MapDataset:
-    """A tfds dataset prepared under `data_dir` (array_record or parquet), read offline.
-
-    Uses `tfds.data_source(..., download=False)`: random access, no TensorFlow. `name` is
-    "dataset[/config][:version]"; `split` a tfds split ("train", "validation", "train[:10%]").
-    Elements: the example's features with bytes decoded to str, and "text" = feature `field`.
-    data_dir None means tfds' default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
-    """
-    data, full = _tfds_data_source(name, data_dir, split)
-    features = getattr(getattr(data, "dataset_info", None), "features", None)
-    if features is not None and hasattr(features, "keys") and field not in features.keys():
-        raise SourceError(f"tfds dataset {full!r} has no feature {field!r} (its features: "
-                          f"{', '.join(map(repr, sorted(features.keys())))})")
-    return grain.MapDataset.source(data).map(_DecodeTfds(field, lang, f"tfds {full} {split}"))
-
-
-def _tfds_data_source(name: str, data_dir, split: str):
-    """(tfds.data_source of a prepared dataset's split, its full name); never downloads."""
-    import tensorflow_datasets as tfds
-
-    data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else default_tfds_data_dir()
-    full, folder = find_prepared_tfds(name, data_dir)
-    with open(os.path.join(folder, "dataset_info.json"), encoding="utf-8") as f:
-        info = json.load(f)
-    splits = [s.get("name") for s in info.get("splits", [])]
-    if re.fullmatch(r"[\w\-]+", split) and split not in splits:
-        raise SourceError(f"tfds dataset {full!r} in {data_dir!r} has no split {split!r}; its "
-                          f"splits: {', '.join(map(repr, splits)) or 'none'}")
-    try:
-        data = tfds.data_source(full, data_dir=data_dir, split=split, download=False)
-    except NotImplementedError as e:
-        raise SourceError(
-            f"tfds dataset {full!r} in {data_dir!r} was prepared as "
-            f"{info.get('fileFormat', 'tfrecord')!r}, which has no random access (and needs "
-            f"TensorFlow): prepare it again with file_format='array_record'") from e
-    return data, full
-
-
-def plain(value: Any) -> Any:
-    """A tfds example as plain Python: UTF-8 bytes -> str, numpy arrays / scalars -> lists /
-    numbers, recursively (so chat_records sees what a JSON line would hold)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    if isinstance(value, np.ndarray):
-        return [plain(v) for v in value.tolist()] if value.ndim else plain(value.item())
-    if isinstance(value, np.generic):
-        return plain(value.item())
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-class TfdsRecords:
-    """Random-access chat records of a tfds split: plain(example) -> convert -> canonical.
-
-    validate=True checks every example once here (bad ones leave the index, counted in
-    `skipped`); otherwise a bad example reads as None (grain drops it), counted when read.
-    strict (bad_records="error") raises a SourceError naming the example and the reason.
-    """
-
-    def __init__(self, data, where: str, convert, *, lang: str | None = None,
-                 validate: bool = True, strict: bool = False):
-        self.data, self.where, self.convert = data, where, convert
-        self.lang, self.strict = lang or None, strict
-        self.skipped = SkipReport()
-        self.indices = None
-        if validate:
-            good = [i for i in range(len(data)) if self._record(i) is not None]
-            if not good:
-                raise SourceError(f"nothing usable in {where}: {len(data)} examples - "
-                                  f"{self.skipped.summary()}")
-            if len(good) != len(data):
-                self.indices = np.asarray(good, np.int64)
-        if self.skipped.total:
-            log.warning("%s: %s (see TfdsRecords.skipped)", where, self.skipped.summary())
-
-    def _record(self, i: int) -> dict | None:
-        where = f"{self.where}[{i}]"
-        try:
-            record = self.convert(plain(self.data[i]))
-        except chat_records.RecordError as e:
-            if self.strict:
-                raise SourceError(f"{where}: {e.reason}: {e.detail}") from None
-            self.skipped.add(e.reason, where, e.detail)
-            return None
-        record["source"] = where
-        if self.lang:
-            record["lang"] = self.lang
-        return record
-
-    def __len__(self) -> int:
-        return len(self.data) if self.indices is None else len(self.indices)
-
-    def __getitem__(self, index: int) -> dict | None:
-        return self._record(int(index) if self.indices is None else int(self.indices[index]))
-
-    def __repr__(self) -> str:
-        return f"TfdsRecords({self.where}, {len(self)} records, {self.skipped.summary()})"
 
 
 # ----------------------------------------------------------------------------- config
@@ -456,7 +257,6 @@ def _single_from_config(config: Any, split: str, what: str, tokenizer=None
                         ) -> grain.MapDataset:
     source = _get(config, "source")
     if source == "pretokenized":
-        from geb_jax.data.pretokenize import pretokenized_documents
         if not _get(config, "path"):
             raise SourceError(f"{what}.path is empty: set it to the folder written by "
                               f"python -m geb_jax.data.pretokenize")
@@ -536,12 +336,11 @@ def texts_source_from_config(data_config: Any, split: str, *, seed: int,
     """documents_from_config, with a Mixture turned into pipeline.mixture(..., seed).
 
     Elements are documents {"text": ...}, or {"tokens": int32 ids} from pre-tokenized sources
-    (pipeline.pretrain_dataset takes both).
+    (pretrain_pipeline.pretrain_dataset takes both).
     """
     docs = documents_from_config(data_config, split, tokenizer)
     if isinstance(docs, Mixture):
-        from geb_jax.data import pipeline
-        return pipeline.mixture(docs.datasets, docs.weights, seed)
+        return mixture(docs.datasets, docs.weights, seed)
     return docs
 
 
@@ -550,9 +349,7 @@ RECORD_SOURCES = ("builtin", "local", "tfds", "mixture")
 
 
 def _builtin_records(stage: str, split: str) -> list[dict]:
-    from geb_jax.data import pipeline
-    return (pipeline.builtin_sft_conversations(split) if stage == "sft"
-            else pipeline.builtin_dpo_pairs(split))
+    return builtin_sft_conversations(split) if stage == "sft" else builtin_dpo_pairs(split)
 
 
 def _records_single(config: Any, split: str, what: str, stage: str) -> grain.MapDataset | list:
@@ -575,7 +372,7 @@ def _records_single(config: Any, split: str, what: str, stage: str) -> grain.Map
         if bad_records not in BAD_RECORDS:
             raise SourceError(f"{what}.bad_records must be one of {BAD_RECORDS}, got "
                               f"{bad_records!r}")
-        data, full = _tfds_data_source(name, _get(config, "tfds_data_dir") or None, tfds_split)
+        data, full = tfds_data_source(name, _get(config, "tfds_data_dir") or None, tfds_split)
         return grain.MapDataset.source(TfdsRecords(
             data, f"tfds {full} {tfds_split}", convert, lang=_get(config, "lang") or None,
             validate=bool(_get(config, "validate")), strict=bad_records == "error"))
@@ -604,8 +401,7 @@ def records_source_from_config(data_config: Any, split: str, *, stage: str, seed
         return _records_single(data_config, split, "data", stage)
     mix = _mixture_from_config(data_config, lambda entry, what: _as_map(
         _records_single(entry, split, what, stage)))
-    from geb_jax.data import pipeline
-    return pipeline.mixture(mix.datasets, mix.weights, seed)
+    return mixture(mix.datasets, mix.weights, seed)
 
 
 def _as_map(records):
@@ -613,12 +409,12 @@ def _as_map(records):
 
 
 def conversations_source_from_config(data_config: Any, split: str, *, seed: int):
-    """SFT conversations {"messages": [...]} for pipeline.sft_dataset (records_source_...)."""
+    """SFT conversations {"messages": [...]} for chat_pipeline.sft_dataset (records_source_...)."""
     return records_source_from_config(data_config, split, stage="sft", seed=seed)
 
 
 def pairs_source_from_config(data_config: Any, split: str, *, seed: int):
-    """DPO pairs {"prompt", "chosen", "rejected"} for pipeline.dpo_dataset."""
+    """DPO pairs {"prompt", "chosen", "rejected"} for chat_pipeline.dpo_dataset."""
     return records_source_from_config(data_config, split, stage="dpo", seed=seed)
 
 
@@ -650,9 +446,8 @@ def skip_reports(dataset) -> dict[str, SkipReport]:
 __all__ = [
     "SOURCES", "SPLITS", "TXT_UNITS", "SUFFIXES", "BAD_RECORDS", "DATA_DEFAULTS",
     "SourceError", "SkipReport", "LocalSource", "local_source",
-    "Mixture", "local_documents", "builtin_source", "tfds_documents", "find_prepared_tfds",
-    "documents_from_config", "texts_source_from_config", "split_of", "text_hash",
-    "hash_split_indices", "default_tfds_data_dir", "RECORD_SOURCES", "TfdsRecords", "plain",
+    "Mixture", "local_documents", "builtin_source", "documents_from_config",
+    "texts_source_from_config", "split_of", "text_hash", "hash_split_indices", "RECORD_SOURCES",
     "records_source_from_config", "conversations_source_from_config",
     "pairs_source_from_config", "skip_reports",
 ]

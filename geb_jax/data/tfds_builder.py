@@ -1,7 +1,7 @@
 """A tensorflow-datasets builder of our own: local text files -> an array_record tfds dataset.
 
     name = build_local_tfds("corpus/*.jsonl", "/data/tfds", valid_fraction=0.05)
-    docs = sources.tfds_documents(name, data_dir="/data/tfds", split="train")
+    docs = tfds_source.tfds_documents(name, data_dir="/data/tfds", split="train")
 
 `GebLocalText` ("geb_local_text") reads the files with `sources.LocalSource` (so every format
 of `sources.local_documents`: .txt, .jsonl, .jsonl.gz, .parquet) and writes the features
@@ -122,7 +122,7 @@ def build_local_tfds(pattern: str | Sequence[str], data_dir: str | os.PathLike, 
                      overwrite: bool = False) -> str:
     """Prepare the "geb_local_text" tfds dataset (array_record) of local files; offline.
 
-    Returns the name to give sources.tfds_documents ("geb_local_text" or
+    Returns the name to give tfds_source.tfds_documents ("geb_local_text" or
     "geb_local_text/<config>"). If the dataset is already prepared from the same inputs
     (arguments, file paths, sizes and mtimes) it is reused; if it was prepared from other
     inputs, FileExistsError unless overwrite=True (then it is rebuilt).

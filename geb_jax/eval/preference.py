@@ -1,6 +1,6 @@
 """Preference accuracy on held-out DPO pairs: does the policy rank chosen above rejected?
 
-Each pair is laid out as in training (geb_jax.data.pipeline.dpo_example): the reply (content
+Each pair is laid out as in training (geb_jax.data.chat_pipeline.dpo_example): the reply (content
 and its closing <|end|>, chat.encode_reply) continues chat_prompt(prompt). With logp the summed
 log-probability of a reply:
 

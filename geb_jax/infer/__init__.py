@@ -14,12 +14,12 @@ Modules: config (InferConfig), weights (Weights: fused, pre-transposed matrices)
 """
 from geb_jax.infer.config import InferConfig, InferConfigError
 from geb_jax.infer.engine import ContextLengthError, Engine
-from geb_jax.infer.loading import ModelFileError, load_model, save_npz_model
+from geb_jax.infer.loading import load_model, save_npz_model
 from geb_jax.infer.quantize import (Int4Matrix, Int8Matrix, quantize_int4, quantize_int8,
                                     quantize_weights)
 from geb_jax.infer.sampling import (Generation, SamplingOptionError, SamplingParams, generate,
                                     next_token_distribution)
-from geb_jax.infer.weights import LayerWeights, Weights, WeightsError
+from geb_jax.infer.weights import LayerWeights, ModelFileError, Weights, WeightsError
 
 __all__ = ["ContextLengthError", "Engine", "Generation", "InferConfig", "InferConfigError",
            "Int4Matrix", "Int8Matrix", "LayerWeights", "ModelFileError", "SamplingOptionError",

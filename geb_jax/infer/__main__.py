@@ -16,8 +16,9 @@ import sys
 import time
 
 from geb_jax.infer.engine import ContextLengthError, Engine
-from geb_jax.infer.loading import ModelFileError, load_model
+from geb_jax.infer.loading import load_model
 from geb_jax.infer.sampling import SamplingOptionError, SamplingParams, generate
+from geb_jax.infer.weights import ModelFileError
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

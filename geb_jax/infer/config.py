@@ -9,6 +9,7 @@ carried along and ignored by the numpy engine.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 from geb_jax.errors import ConfigError
@@ -47,3 +48,15 @@ class InferConfig(ModelConfig):
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
         values.update(overrides)
         return cls.from_dict(values)
+
+
+def config_dict(config: Any) -> dict:
+    """A model config given as a ModelConfig (any dataclass), a ConfigDict or a mapping, as a
+    plain dict (what export files store); TypeError for anything else."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
+        return dict(config.to_dict())
+    if isinstance(config, Mapping):
+        return dict(config)
+    raise TypeError(f"config must be a dataclass, ConfigDict or dict, got {type(config).__name__}")

@@ -15,7 +15,6 @@ Formats:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -24,27 +23,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from geb_jax.atomic_io import atomic_folder
-from geb_jax.infer.config import InferConfig
-from geb_jax.infer.weights import Weights
+from geb_jax.infer import onnx_file
+from geb_jax.infer.config import InferConfig, config_dict
+from geb_jax.infer.weights import ModelFileError, Weights
 
 WEIGHTS_NPZ = "weights.npz"
 CONFIG_JSON = "config.json"
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_FOLDER = "tokenizer"  # a published model's tokenizer.json + tokenizer_config.json
-
-
-class ModelFileError(ValueError):
-    """A model path that is missing, incomplete or of an unknown format."""
-
-
-def _config_dict(config: Any) -> dict:
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return dataclasses.asdict(config)
-    if hasattr(config, "to_dict"):  # ml_collections.ConfigDict
-        return dict(config.to_dict())
-    if isinstance(config, Mapping):
-        return dict(config)
-    raise TypeError(f"config must be a dataclass, ConfigDict or dict, got {type(config).__name__}")
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
@@ -80,14 +66,14 @@ def save_npz_model(directory: str, params: Mapping, config: Any, tokenizer_path:
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise ModelFileError(f"{directory} already exists; pass overwrite=True to replace it")
-    config_dict = _config_dict(config)
-    Weights.from_params(params, config_dict)  # shape check against the config
+    as_dict = config_dict(config)
+    Weights.from_params(params, as_dict)  # shape check against the config
     if not os.path.exists(tokenizer_path):
         raise ModelFileError(f"tokenizer not found: {tokenizer_path}")
     with atomic_folder(directory) as tmp:
         np.savez(os.path.join(tmp, WEIGHTS_NPZ), **_flatten(params))
         with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
-            json.dump(config_dict, f, indent=2, sort_keys=True)
+            json.dump(as_dict, f, indent=2, sort_keys=True)
         copy_tokenizer(tokenizer_path, tmp)
     return directory
 
@@ -165,7 +151,6 @@ def load_model(path: str, quantize: str | None = None, quantize_embeddings: bool
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NPZ)):
         weights, bundled_tokenizer = _load_npz_dir(path)
     elif path.endswith(".onnx"):
-        from geb_jax.infer import onnx_file  # pylint: disable=import-outside-toplevel
         weights, bundled_tokenizer = onnx_file.load_onnx_model(path)
     elif path.endswith(".gguf"):
         weights, bundled_tokenizer = _load_gguf(path, quantize), path  # its embedded vocabulary

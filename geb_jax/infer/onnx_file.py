@@ -40,8 +40,7 @@ import os
 import numpy as np
 
 from geb_jax.infer.config import InferConfig, InferConfigError
-from geb_jax.infer.loading import ModelFileError
-from geb_jax.infer.weights import Weights, WeightsError
+from geb_jax.infer.weights import ModelFileError, Weights, WeightsError
 
 PRODUCER = "geb_jax"
 FORMAT_VERSION = "1"

@@ -32,6 +32,11 @@ class WeightsError(ValueError):
     """A tensor is missing, unexpected, or has a shape the config does not describe."""
 
 
+class ModelFileError(ValueError):
+    """A model path that is missing, incomplete or of an unknown format (raised by every
+    reader: loading.py, onnx_file.py; defined here, beside WeightsError, so they share it)."""
+
+
 def param_leaf(params: Mapping, path: str, shape: tuple[int, ...]) -> np.ndarray:
     """One leaf ("layers/attn/q") as float32 numpy, shape-checked against the config; no copy
     for float32 numpy or (CPU) jax arrays."""

@@ -11,7 +11,7 @@ import os
 import jax
 
 from geb_jax.checkpoint import Checkpointer
-from geb_jax.data import pipeline, sources
+from geb_jax.data import chat_pipeline, pipeline, pretrain_pipeline, sources
 from geb_jax.checkpoint import published
 from geb_jax.data.tokenizer_files import load_tokenizer, save_tokenizer
 from geb_jax.data.tokenizer import Tokenizer, builtin_tokenizer
@@ -49,15 +49,15 @@ def _dataset(config, stage: str, tokenizer: Tokenizer, split: str, seed: int):
     if stage == "pretrain":
         texts = sources.texts_source_from_config(config.data, split, seed=seed,
                                                  tokenizer=tokenizer)
-        return _with_report(pipeline.pretrain_dataset(texts, tokenizer, stats=stats, **common),
-                            texts, stats)
+        return _with_report(pretrain_pipeline.pretrain_dataset(texts, tokenizer, stats=stats,
+                                                               **common), texts, stats)
     if stage == "sft":
         records = sources.conversations_source_from_config(config.data, split, seed=seed)
-        return _with_report(pipeline.sft_dataset(records, tokenizer, stats=stats, name=name,
-                                                 **common), records, stats)
+        return _with_report(chat_pipeline.sft_dataset(records, tokenizer, stats=stats,
+                                                      name=name, **common), records, stats)
     records = sources.pairs_source_from_config(config.data, split, seed=seed)
-    return _with_report(pipeline.dpo_dataset(records, tokenizer, stats=stats, name=name,
-                                             **common), records, stats)
+    return _with_report(chat_pipeline.dpo_dataset(records, tokenizer, stats=stats, name=name,
+                                                  **common), records, stats)
 
 
 def _with_report(dataset, source, stats: pipeline.PipelineStats):

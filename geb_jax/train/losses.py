@@ -442,43 +442,17 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
     and label_smoothing may be Python floats or traced scalars. reference_params is only used
     when the batch has no reference log-probs.
     """
-    _check_dpo_hyper(beta, loss_type, label_smoothing)
-    weight = _concrete(sft_weight)  # None when traced
-    if weight is not None and not weight >= 0:
-        raise ValueError(f"DPO sft_weight must be >= 0, got {sft_weight}")
+    _check_dpo_args(batch, reference_params, beta, loss_type, label_smoothing, sft_weight)
     packed = _is_packed(batch)
     num_slots = _num_pair_slots(batch, max_pairs_per_row)
-    has_ref = ("reference_chosen_logps" in batch, "reference_rejected_logps" in batch)
-    if has_ref[0] != has_ref[1]:
-        raise ValueError("the batch needs both 'reference_chosen_logps' and "
-                         "'reference_rejected_logps', or neither")
-    if not has_ref[0] and reference_params is None:
-        raise ValueError("dpo_loss needs reference_params, or 'reference_chosen_logps' and "
-                         "'reference_rejected_logps' in the batch")
-
     pi_c, pi_r, count_c, count_r = _policy_pair_logps(
         params, batch, apply, packed=packed, num_slots=num_slots, average=loss_type == "ipo",
         loss_chunk_size=loss_chunk_size)
-    if has_ref[0]:
-        ref_c = jnp.asarray(batch["reference_chosen_logps"]).astype(jnp.float32)
-        ref_r = jnp.asarray(batch["reference_rejected_logps"]).astype(jnp.float32)
-        if ref_c.shape != pi_c.shape or ref_r.shape != pi_r.shape:
-            raise ValueError(f"reference logps have shapes {ref_c.shape} / {ref_r.shape}, "
-                             f"expected {pi_c.shape} ({'(B, P) packed' if packed else '(B,)'})")
-    else:
-        ref = dpo_reference_logps(reference_params, batch, apply, loss_type=loss_type,
-                                  max_pairs_per_row=num_slots, loss_chunk_size=loss_chunk_size)
-        ref_c, ref_r = ref["reference_chosen_logps"], ref["reference_rejected_logps"]
-    ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
-
-    h = (pi_c - pi_r) - (ref_c - ref_r)
-    if loss_type == "sigmoid":
-        losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
-                  - label_smoothing * jax.nn.log_sigmoid(-beta * h))
-    elif loss_type == "ipo":
-        losses = jnp.square(h - 1.0 / (2.0 * beta))
-    else:  # hinge
-        losses = jax.nn.relu(1.0 - beta * h)
+    ref_c, ref_r = _reference_pair_logps(
+        batch, reference_params, apply, (pi_c.shape, pi_r.shape), packed=packed,
+        loss_type=loss_type, num_slots=num_slots, loss_chunk_size=loss_chunk_size)
+    losses = _preference_losses((pi_c - pi_r) - (ref_c - ref_r), beta, loss_type,
+                                label_smoothing)
 
     valid = ((count_c > 0) & (count_r > 0)).astype(jnp.float32)
     n_pairs = jnp.sum(valid)
@@ -509,6 +483,49 @@ def dpo_loss(params, batch: Batch, apply: Apply, *, reference_params=None, beta=
         "pairs": n_pairs,
     }
     return loss, metrics
+
+
+def _check_dpo_args(batch: Batch, reference_params, beta, loss_type: str, label_smoothing,
+                    sft_weight) -> None:
+    _check_dpo_hyper(beta, loss_type, label_smoothing)
+    weight = _concrete(sft_weight)  # None when traced
+    if weight is not None and not weight >= 0:
+        raise ValueError(f"DPO sft_weight must be >= 0, got {sft_weight}")
+    has_ref = ("reference_chosen_logps" in batch, "reference_rejected_logps" in batch)
+    if has_ref[0] != has_ref[1]:
+        raise ValueError("the batch needs both 'reference_chosen_logps' and "
+                         "'reference_rejected_logps', or neither")
+    if not has_ref[0] and reference_params is None:
+        raise ValueError("dpo_loss needs reference_params, or 'reference_chosen_logps' and "
+                         "'reference_rejected_logps' in the batch")
+
+
+def _reference_pair_logps(batch: Batch, reference_params, apply: Apply, pi_shapes, *,
+                          packed: bool, loss_type: str, num_slots: int,
+                          loss_chunk_size: int | None) -> tuple[Array, Array]:
+    """The reference model's (chosen, rejected) log-probs, gradient stopped: precomputed in
+    the batch (checked against the policy's shapes), or computed from reference_params."""
+    if "reference_chosen_logps" in batch:
+        ref_c = jnp.asarray(batch["reference_chosen_logps"]).astype(jnp.float32)
+        ref_r = jnp.asarray(batch["reference_rejected_logps"]).astype(jnp.float32)
+        if (ref_c.shape, ref_r.shape) != tuple(pi_shapes):
+            raise ValueError(f"reference logps have shapes {ref_c.shape} / {ref_r.shape}, "
+                             f"expected {pi_shapes[0]} ({'(B, P) packed' if packed else '(B,)'})")
+    else:
+        ref = dpo_reference_logps(reference_params, batch, apply, loss_type=loss_type,
+                                  max_pairs_per_row=num_slots, loss_chunk_size=loss_chunk_size)
+        ref_c, ref_r = ref["reference_chosen_logps"], ref["reference_rejected_logps"]
+    return jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
+
+
+def _preference_losses(h: Array, beta, loss_type: str, label_smoothing) -> Array:
+    """Per-pair loss of the log-ratio margin h = (pi_c - pi_r) - (ref_c - ref_r), as TRL."""
+    if loss_type == "sigmoid":
+        return (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+    if loss_type == "ipo":
+        return jnp.square(h - 1.0 / (2.0 * beta))
+    return jax.nn.relu(1.0 - beta * h)  # hinge
 
 
 # ----------------------------------------------------------------------------------------------

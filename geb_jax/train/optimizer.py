@@ -66,7 +66,7 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -340,64 +340,105 @@ def accumulate_gradients(grad_fn: Callable, params: PyTree, batch: PyTree, micro
 
     micro = split_microbatches(batch, microbatches)
     first = jax.tree.map(lambda x: x[0], micro)
-    (loss_shape, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, first)
-    weighted = (weight_key is not None and isinstance(metrics_shape, Mapping)
-                and weight_key in metrics_shape)
-    if weighted and np.shape(metrics_shape[weight_key]) != ():
-        raise ValueError(f"accumulate_gradients: metrics[{weight_key!r}] must be a scalar, got "
-                         f"shape {np.shape(metrics_shape[weight_key])}.")
+    shapes = jax.eval_shape(grad_fn, params, first)  # ((loss, metrics), grads)
+    weighting = _Weighting.of(weight_key, shapes[0][1])
 
-    def acc_dtype(dtype):
-        return jnp.promote_types(dtype, jnp.float32)
+    def body(carry: _Sums, microbatch) -> tuple[_Sums, None]:
+        return _add_microbatch(carry, grad_fn(params, microbatch), weighting), None
 
-    def is_count(path, dtype) -> bool:
+    sums, _ = jax.lax.scan(body, _zero_sums(shapes, weighting), micro)
+    return _weighted_means(sums, shapes, weighting)
+
+
+class _Sums(NamedTuple):
+    """The scan carry of accumulate_gradients: weighted sums, and the summed weight."""
+    grads: PyTree
+    loss: Array
+    metrics: PyTree
+    weight: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weighting:
+    """How micro-batches are weighted: by the scalar metric `key`, or equally (key None)."""
+    key: str | None
+
+    @classmethod
+    def of(cls, weight_key: str | None, metrics_shape: PyTree) -> "_Weighting":
+        if weight_key is None or not (isinstance(metrics_shape, Mapping)
+                                      and weight_key in metrics_shape):
+            return cls(None)
+        if np.shape(metrics_shape[weight_key]) != ():
+            raise ValueError(f"accumulate_gradients: metrics[{weight_key!r}] must be a scalar, "
+                             f"got shape {np.shape(metrics_shape[weight_key])}.")
+        return cls(weight_key)
+
+    def is_count(self, path, dtype) -> bool:
+        """Integer metrics (counts) and the weight itself are summed, not averaged."""
         names = path_names(path)
         return not jnp.issubdtype(dtype, jnp.inexact) or (
-            weighted and len(names) == 1 and names[0] == weight_key)
+            self.key is not None and len(names) == 1 and names[0] == self.key)
+
+    def weight(self, metrics) -> Array:
+        if self.key is None:
+            return jnp.ones((), jnp.float32)
+        return jnp.asarray(metrics[self.key], jnp.float32)
+
+
+def _acc_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _zero_sums(shapes, weighting: _Weighting) -> _Sums:
+    (loss_shape, metrics_shape), grads_shape = shapes
 
     def zeros(path, s):
-        dtype = s.dtype if is_count(path, s.dtype) else acc_dtype(s.dtype)
+        dtype = s.dtype if weighting.is_count(path, s.dtype) else _acc_dtype(s.dtype)
         return jnp.zeros(s.shape, dtype)
 
-    init = (
-        jax.tree.map(lambda s: jnp.zeros(s.shape, acc_dtype(s.dtype)), grads_shape),
-        jnp.zeros(loss_shape.shape, acc_dtype(loss_shape.dtype)),
-        jax.tree_util.tree_map_with_path(zeros, metrics_shape),
-        jnp.zeros((), jnp.float32),  # summed weight
-    )
+    return _Sums(grads=jax.tree.map(lambda s: jnp.zeros(s.shape, _acc_dtype(s.dtype)),
+                                    grads_shape),
+                 loss=jnp.zeros(loss_shape.shape, _acc_dtype(loss_shape.dtype)),
+                 metrics=jax.tree_util.tree_map_with_path(zeros, metrics_shape),
+                 weight=jnp.zeros((), jnp.float32))
 
-    def body(carry, microbatch):
-        grads_acc, loss_acc, metrics_acc, weight_acc = carry
-        (loss, metrics), grads = grad_fn(params, microbatch)
-        weight = (jnp.asarray(metrics[weight_key], jnp.float32) if weighted
-                  else jnp.ones((), jnp.float32))
 
-        def add_weighted(acc, x):
-            contribution = weight.astype(acc.dtype) * x.astype(acc.dtype)
-            return acc + jnp.where(weight > 0, contribution, jnp.zeros_like(contribution))
+def _add_microbatch(sums: _Sums, outputs, weighting: _Weighting) -> _Sums:
+    """sums + weight * this micro-batch's (loss, metrics, grads); a weight-0 micro-batch adds
+    exactly nothing (its loss may be a NaN from 0/0)."""
+    (loss, metrics), grads = outputs
+    weight = weighting.weight(metrics)
 
-        def add_metric(path, acc, x):
-            if is_count(path, acc.dtype):  # integer counts and the weight itself: summed
-                return acc + x.astype(acc.dtype)
-            return add_weighted(acc, x)
+    def add_weighted(acc, x):
+        contribution = weight.astype(acc.dtype) * x.astype(acc.dtype)
+        return acc + jnp.where(weight > 0, contribution, jnp.zeros_like(contribution))
 
-        grads_acc = jax.tree.map(add_weighted, grads_acc, grads)
-        loss_acc = add_weighted(loss_acc, loss)
-        metrics_acc = jax.tree_util.tree_map_with_path(add_metric, metrics_acc, metrics)
-        return (grads_acc, loss_acc, metrics_acc, weight_acc + weight), None
+    def add_metric(path, acc, x):
+        if weighting.is_count(path, acc.dtype):
+            return acc + x.astype(acc.dtype)
+        return add_weighted(acc, x)
 
-    (grads_acc, loss_acc, metrics_acc, weight_sum), _ = jax.lax.scan(body, init, micro)
-    denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    return _Sums(grads=jax.tree.map(add_weighted, sums.grads, grads),
+                 loss=add_weighted(sums.loss, loss),
+                 metrics=jax.tree_util.tree_map_with_path(add_metric, sums.metrics, metrics),
+                 weight=sums.weight + weight)
+
+
+def _weighted_means(sums: _Sums, shapes, weighting: _Weighting):
+    """(loss, metrics, grads): the sums over the summed weight, cast back to grad_fn's dtypes;
+    counts stay sums."""
+    (loss_shape, metrics_shape), grads_shape = shapes
+    denom = jnp.where(sums.weight > 0, sums.weight, 1.0)
 
     def mean(acc, like):
         return (acc / denom.astype(acc.dtype)).astype(like.dtype)
 
     def finish_metric(path, acc, like):
-        if is_count(path, like.dtype):
+        if weighting.is_count(path, like.dtype):
             return acc.astype(like.dtype)
         return mean(acc, like)
 
-    grads = jax.tree.map(mean, grads_acc, grads_shape)
-    loss = mean(loss_acc, loss_shape)
-    metrics = jax.tree_util.tree_map_with_path(finish_metric, metrics_acc, metrics_shape)
+    grads = jax.tree.map(mean, sums.grads, grads_shape)
+    loss = mean(sums.loss, loss_shape)
+    metrics = jax.tree_util.tree_map_with_path(finish_metric, sums.metrics, metrics_shape)
     return loss, metrics, grads
