@@ -956,8 +956,8 @@ def main(argv: list[str]) -> None:
     with open(spec_file) as f:
         spec = json.load(f)
     result = STAGES[stage](spec)
-    with open(spec["result"], "w") as f:
-        json.dump(result, f)
+    from geb_jax.atomic_io import write_json_atomic
+    write_json_atomic(spec["result"], result, indent=None)  # the parent never sees half a file
 
 
 if __name__ == "__main__":

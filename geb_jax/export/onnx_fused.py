@@ -58,6 +58,7 @@ from onnx import TensorProto
 from geb_jax.export.onnx_graph import (DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, Graph, Quant,
                                        graph_setup, linear, make_model, quantize_nbits)
 from geb_jax.infer.engine import rope_tables
+from geb_jax.infer.onnx_file import META_GRAPH
 from geb_jax.infer.weights import Weights
 
 MS = "com.microsoft"
@@ -85,6 +86,8 @@ def build_fused_model(weights: Weights, *, quantize: str | None = None, block_si
     model.doc_string = ("geb_jax Llama-family decoder with KV cache (prefill and decode), fused: "
                         "GroupQueryAttention, SkipSimplifiedLayerNormalization; batches padded "
                         "on the right")
+    # even without export_onnx's metadata the graph says what it is (OnnxDecoder checks it)
+    onnx.helper.set_model_props(model, {META_GRAPH: "fused"})
     return model
 
 
