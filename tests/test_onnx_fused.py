@@ -260,7 +260,7 @@ def test_external_data_fused_file_reads_and_runs(tokenizer, tmp_path):
     config, params = _params("mqa-tied-post")
     path = export_onnx(params, config, tokenizer.path, str(tmp_path / "ext.onnx"),
                        quantize="int4", accuracy_level=0, graph="fused",
-                       external_data_threshold=0)
+                       external_data_threshold=0, quantize_embedding=True)
     model = onnx.load(path, load_external_data=False)
     external = {t.name for t in model.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL}

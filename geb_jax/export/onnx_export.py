@@ -269,7 +269,7 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = DEFAULT_OPSET,
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                 overwrite: bool = False, verify: bool = True, graph: str = "plain",
-                quantize_embedding: bool = True) -> str:
+                quantize_embedding: bool | None = None) -> str:
     """Write `out_path` (.onnx), plus `out_path`.data when the weights exceed
     external_data_threshold bytes, and tokenizer.model beside it. Returns out_path.
 
@@ -280,8 +280,9 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
     activations, 0: float32). graph: "plain" (this module's standard-op graph) or "fused"
     (geb_jax/export/onnx_fused.py: onnxruntime's GroupQueryAttention and
     SkipSimplifiedLayerNormalization, packed QKV and gate/up; batches padded on the right),
-    whose quantized form also quantizes the embedding table (and a tied head) unless
-    quantize_embedding=False. Files are written to a temporary folder, checked with
+    whose quantized form also quantizes a tied head, and the embedding table per
+    quantize_embedding (default: at int8, not at int4; onnx_fused.build_fused_model says why).
+    Files are written to a temporary folder, checked with
     onnxruntime against the numpy engine (verify=True), then renamed into place, the .onnx
     last.
     """
