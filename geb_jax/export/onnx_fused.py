@@ -140,22 +140,28 @@ def _build(weights: Weights, quant: Quant, g: Graph, quantize_embedding: bool):
     else:
         x = g.op("SimplifiedLayerNormalization", [residual, final], "/model/norm", axis=-1,
                  epsilon=eps)
-    if not c.tie_embeddings:
-        logits = linear(g, x, named["lm_head.weight"].T, "lm_head", quant, "/lm_head")
-    elif head_blocks is not None:  # MatMulNBits over the embedding's own uint8 blocks
-        packed, scales, zero_points = head_blocks
-        inputs = [x, packed, scales] + ([zero_points] if zero_points else [])
-        logits = g.op("MatMulNBits", inputs, "/lm_head", domain=MS, K=c.d_model,
-                      N=c.vocab_size, bits=quant.bits, block_size=quant.block_size,
-                      accuracy_level=quant.accuracy_level)
-    elif quant.bits is not None:  # a float32 table, its own quantized copy as the head
-        logits = linear(g, x, table.T, "lm_head", quant, "/lm_head")
-    else:  # x (B, T, D) @ table (V, D)^T, reading the table in place
-        logits = g.op("FusedMatMul", [x, "model.embed_tokens.weight"], "/lm_head", domain=MS,
-                      transB=1, alpha=1.0)
+    logits = _head(g, x, c, named, quant, head_blocks)
     g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"],
                                          name="/lm_head/logits"))
     return make_model(g, c)
+
+
+def _head(g: Graph, x: str, c, named, quant: Quant, head_blocks) -> str:
+    """The lm head: its own linear when untied; tied, MatMulNBits over the quantized table's
+    blocks, its own quantized copy of a float32 table, or the float32 table read in place."""
+    if not c.tie_embeddings:
+        return linear(g, x, named["lm_head.weight"].T, "lm_head", quant, "/lm_head")
+    if head_blocks is not None:  # MatMulNBits over the embedding's own uint8 blocks
+        packed, scales, zero_points = head_blocks
+        inputs = [x, packed, scales] + ([zero_points] if zero_points else [])
+        return g.op("MatMulNBits", inputs, "/lm_head", domain=MS, K=c.d_model,
+                    N=c.vocab_size, bits=quant.bits, block_size=quant.block_size,
+                    accuracy_level=quant.accuracy_level)
+    if quant.bits is not None:  # a float32 table, its own quantized copy as the head
+        return linear(g, x, named["model.embed_tokens.weight"].T, "lm_head", quant, "/lm_head")
+    # x (B, T, D) @ table (V, D)^T, reading the table in place
+    return g.op("FusedMatMul", [x, "model.embed_tokens.weight"], "/lm_head", domain=MS,
+                transB=1, alpha=1.0)
 
 
 def _skip_norm(g: Graph, x: str, skip: str, scale: str, eps: float, scope: str,
