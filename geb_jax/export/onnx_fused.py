@@ -73,12 +73,13 @@ def build_fused_model(weights: Weights, *, quantize: str | None = None, block_si
     Arguments as onnx_graph.build_onnx_model's. quantize_embedding (quantized exports only):
     the embedding table as GatherBlockQuantized blocks (a tied head then shares them), or
     float32 (a tied head then gets its own MatMulNBits copy of the table, so decode still
-    reads quantized head bytes). None (the default) = quantized for int8, float32 for int4,
-    because on SmolLM2-135M (docs/benchmarks.md, 2026-12-03) the int4 table cost +39 %
-    held-out perplexity against float32, where llama.cpp's q4_0 cost +30 % and our plain int4
-    graph (float32 table and head) +25 %; int8's table costs +0.7 %. The float32 table costs
-    file size and memory (V x D x 4 bytes: SmolLM2-135M's 49152 x 576 is 113 MB against 16 MB
-    at int4), not decode speed: a lookup reads only the tokens' rows."""
+    reads quantized head bytes). None (the default) = quantized for int8, float32 for int4.
+    Held-out perplexity of SmolLM2-135M (tied; float32 23.02, llama.cpp q4_0 +30 %), fused
+    int4: quantized table +39 %, float32 table with its int4 head +36 % (an int8 head would
+    give +26 %, a float32 one +26 %: the tied head, not the lookup, carries most of the loss);
+    int8's quantized table costs +0.7 %. The float32 table costs file size and memory
+    (V x D x 4 bytes: SmolLM2-135M's 49152 x 576 is 113 MB against ~18 MB at int4), not decode
+    speed: a lookup reads only the tokens' rows."""
     with graph_setup(quantize, block_size, accuracy_level, opset, stream_to) as (quant, g):
         if quantize_embedding is None:
             quantize_embedding = quant.bits == 8
