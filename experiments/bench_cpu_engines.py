@@ -19,12 +19,14 @@ reports is that engine's alone):
 Engines and what each dtype means for them:
 
   numpy              geb_jax.infer.Engine; int8 / int4 = geb_jax.infer.quantize (layer matrices)
-  onnxruntime        our plain graph (geb_jax.export.onnx_export.build_onnx_model); int8 / int4
+  onnxruntime        our plain graph (geb_jax.export.onnx_graph.build_onnx_model); int8 / int4
                      = MatMulNBits block 32, accuracy_level 4 (int8 activations), every linear
                      and an untied head; int8 symmetric, int4 with zero points; embedding f32
   onnxruntime_fused  our fused graph (geb_jax.export.onnx_fused: GroupQueryAttention,
                      SkipSimplifiedLayerNormalization, packed QKV and gate/up); quantized as the
-                     plain graph, and the embedding (GatherBlockQuantized) too
+                     plain graph, a tied head too; the embedding GatherBlockQuantized at int8,
+                     float32 at int4 (the exporter's defaults); decoded through
+                     geb_jax.infer.onnx_decoder (IOBinding, one shared past/present cache)
   ort_genai          onnxruntime-genai 's own model builder (python -m
                      onnxruntime_genai.models.builder -i <hf folder> -p fp32|int8|int4 -e cpu,
                      its defaults: MatMulNBits block 32, symmetric, accuracy_level 4, embedding
@@ -75,8 +77,9 @@ ENGINE_FORMATS = {  # engine -> {dtype: the format that engine runs}
     "numpy": {"f32": "float32", "int8": "int8 per channel", "int4": "int4 g32 asym"},
     "onnxruntime": {"f32": "plain graph f32", "int8": "plain MatMulNBits 8b b32 sym acc4",
                     "int4": "plain MatMulNBits 4b b32 asym acc4"},
-    "onnxruntime_fused": {"f32": "fused graph f32", "int8": "fused MatMulNBits 8b b32 sym acc4",
-                          "int4": "fused MatMulNBits 4b b32 asym acc4"},
+    "onnxruntime_fused": {"f32": "fused graph f32 iobind",
+                          "int8": "fused MatMulNBits 8b b32 sym acc4 iobind",
+                          "int4": "fused MatMulNBits 4b b32 asym acc4 f32 emb iobind"},
     "ort_genai": {"f32": "genai builder fp32", "int8": "genai builder int8 b32 sym acc4",
                   "int4": "genai builder int4 b32 sym acc4"},
     "torch": {"f32": "float32", "bf16": "bfloat16"},
@@ -421,7 +424,7 @@ def stage_prepare(spec: dict) -> dict:
                     state = _hf_state(hf)
                 path = os.path.join(folder, f"model-{dtype}.onnx")
                 if engine == "onnxruntime":
-                    from geb_jax.export.onnx_export import build_onnx_model as build
+                    from geb_jax.export.onnx_graph import build_onnx_model as build
                 else:
                     from geb_jax.export.onnx_fused import build_fused_model as build
                 weights = _NamedTensorWeights(InferConfig.from_dict(_model_config(spec)), state)
@@ -560,13 +563,28 @@ def ort_session_options(threads: int, profile_prefix: str | None = None):
 
 
 def _ort_runner(spec, config) -> Runner:
+    """Our ONNX files: the fused graph decodes through geb_jax.infer.onnx_decoder (IOBinding,
+    one preallocated past/present cache of prompt + decode slots, logits into a bound
+    buffer), as onnxruntime-genai drives its graph; the plain graph (whose present is a new
+    Concat) through ort_feed and session.run. spec["driver"] = "session_run" puts the fused
+    graph on the plain graph's driver (the A/B of experiments/ab_onnx_decode.py)."""
     import onnxruntime as ort
-    from geb_jax.export.onnx_export import ort_feed
     from geb_jax.infer import InferConfig
     infer_config = InferConfig.from_dict(config)
     graph = "fused" if spec["engine"] == "onnxruntime_fused" else "plain"
     session = ort.InferenceSession(spec["path"], ort_session_options(spec["threads"]),
                                    providers=["CPUExecutionProvider"])
+    all_logits = _session_all_logits(session, infer_config, graph)
+    if graph == "fused" and spec.get("driver", "iobinding") == "iobinding":
+        from geb_jax.infer.onnx_decoder import OnnxDecoder
+        decoder = OnnxDecoder(session, infer_config,
+                              max_len=min(spec["prompt"] + spec["decode"], config.max_seq_len))
+        return Runner(prefill=lambda ids: decoder.prefill(ids[None])[0],
+                      decode=lambda t: decoder.decode([t], copy=False)[0],
+                      kv_length=lambda: decoder.length,
+                      weight_bytes_per_token=onnx_weight_bytes(spec["path"]),
+                      info={"all_logits": all_logits, "graph": graph, "driver": "iobinding"})
+    from geb_jax.export.onnx_export import ort_feed
     names = [o.name for o in session.get_outputs()]
     held: dict = {}  # the last run's outputs: present.* is the next run's past
 
@@ -575,14 +593,20 @@ def _ort_runner(spec, config) -> Runner:
                                                                  graph=graph))))
         return held["out"]["logits"][0, -1]
 
-    def all_logits(ids):
-        return session.run(["logits"], ort_feed(infer_config, [ids], graph=graph))[0][0]
-
     return Runner(prefill=lambda ids: run(ids[None], None),
                   decode=lambda t: run([[t]], held["out"]),
                   kv_length=lambda: held["out"]["present.0.key"].shape[2],
                   weight_bytes_per_token=onnx_weight_bytes(spec["path"]),
-                  info={"all_logits": all_logits, "graph": graph})
+                  info={"all_logits": all_logits, "graph": graph, "driver": "session_run"})
+
+
+def _session_all_logits(session, infer_config, graph: str) -> Callable:
+    """Every position's logits of one window (perplexity), through session.run."""
+    from geb_jax.export.onnx_export import ort_feed
+
+    def all_logits(ids):
+        return session.run(["logits"], ort_feed(infer_config, [ids], graph=graph))[0][0]
+    return all_logits
 
 
 def _genai_config(path: str, threads: int, profile_prefix: str | None = None):
@@ -835,13 +859,23 @@ def profile_row(spec: dict, config, prompt_ids: np.ndarray) -> dict:
             session = ort.InferenceSession(spec["path"], ort_session_options(spec["threads"],
                                                                              prefix),
                                            providers=["CPUExecutionProvider"])
-            names = [o.name for o in session.get_outputs()]
-            out = dict(zip(names, session.run(None, ort_feed(infer_config, ids[None],
-                                                             graph=graph))))
-            for _ in range(PROFILE_DECODE):
-                token = int(np.argmax(out["logits"][0, -1]))
-                out = dict(zip(names, session.run(None, ort_feed(infer_config, [[token]],
-                                                                 past=out, graph=graph))))
+            if graph == "fused":  # the timed rows' driver: IOBinding, shared cache
+                from geb_jax.infer.onnx_decoder import OnnxDecoder
+                decoder = OnnxDecoder(session, infer_config,
+                                      max_len=min(len(ids) + PROFILE_DECODE,
+                                                  config.max_seq_len))
+                logits = decoder.prefill(ids[None])[0]
+                for _ in range(PROFILE_DECODE):
+                    logits = decoder.decode([int(np.argmax(logits))], copy=False)[0]
+                del decoder
+            else:
+                names = [o.name for o in session.get_outputs()]
+                out = dict(zip(names, session.run(None, ort_feed(infer_config, ids[None],
+                                                                 graph=graph))))
+                for _ in range(PROFILE_DECODE):
+                    token = int(np.argmax(out["logits"][0, -1]))
+                    out = dict(zip(names, session.run(None, ort_feed(
+                        infer_config, [[token]], past=out, graph=graph))))
             session.end_profiling()
             del session
         files = sorted(glob.glob(prefix + "*.json"))
@@ -880,6 +914,8 @@ def stage_time(spec: dict) -> dict:
     for key in ("system_info", "module"):
         if key in runner.info:
             row[f"llama_cpp_{key}"] = runner.info[key]
+    if "driver" in runner.info:  # our ONNX rows: IOBinding (fused) or session.run (plain)
+        row["ort_driver"] = runner.info["driver"]
     if spec.get("windows"):
         try:
             row["ppl"] = perplexity(runner.info["all_logits"], spec["windows"])
@@ -920,8 +956,8 @@ def main(argv: list[str]) -> None:
     with open(spec_file) as f:
         spec = json.load(f)
     result = STAGES[stage](spec)
-    with open(spec["result"], "w") as f:
-        json.dump(result, f)
+    from geb_jax.atomic_io import write_json_atomic
+    write_json_atomic(spec["result"], result, indent=None)  # the parent never sees half a file
 
 
 if __name__ == "__main__":

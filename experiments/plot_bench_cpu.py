@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+
+from geb_jax.atomic_io import atomic_path  # noqa: E402  pylint: disable=wrong-import-position
 
 ENGINE_ORDER = ("numpy", "onnxruntime", "onnxruntime_fused", "ort_genai", "torch", "llama_cpp")
 DTYPE_ORDER = ("f32", "f16", "bf16", "int8", "int4")
@@ -65,16 +65,8 @@ def plot(results: dict, out: str) -> None:
     fig.legend(handles, engines + ["read-bandwidth bound"], loc="upper center",
                ncol=min(len(handles), 4 if len(models) == 1 else 7), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.88))
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(out) as tmp:  # the usual file mode, not mkstemp's 0600
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

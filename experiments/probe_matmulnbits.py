@@ -27,7 +27,7 @@ def session(weights, bits, level, block, threads):
     Returns the session and the weight bytes one run reads."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from geb_jax.export.onnx_export import _quantize_nbits
+    from geb_jax.export.onnx_graph import quantize_nbits
     nodes, inits, outputs, nbytes = [], [], [], 0
     for i, weight in enumerate(weights):
         y = f"y{i}"
@@ -36,7 +36,7 @@ def session(weights, bits, level, block, threads):
             arrays = {f"w{i}": weight}
             nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [y]))
         else:
-            packed, scales, zero = _quantize_nbits(weight, bits, block)
+            packed, scales, zero = quantize_nbits(weight, bits, block)
             arrays = {f"p{i}": packed, f"s{i}": scales}
             if zero is not None:
                 arrays[f"z{i}"] = zero

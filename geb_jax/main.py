@@ -41,7 +41,7 @@ def main(argv, config: ml_collections.ConfigDict):
     from geb_jax.export.command import export_stage
     from geb_jax.export.gguf_export import GGUFExportError
     from geb_jax.export.hf import CheckpointError as HFCheckpointError
-    from geb_jax.export.onnx_export import OnnxExportError
+    from geb_jax.export.onnx_graph import OnnxExportError
     from geb_jax.infer import ModelFileError, WeightsError
     from geb_jax.infer.gguf_file import GGUFFileError
     from geb_jax.parallel import distributed

@@ -18,7 +18,8 @@ from geb_jax.data import prepare as P
 from geb_jax.data.beam import BeamError
 from geb_jax.data.clean import CleaningConfig
 from geb_jax.data.clean.chain import Report
-from geb_jax.data.pretokenize import pretokenized_documents, run_tokenizer
+from geb_jax.data.pretokenize import run_tokenizer
+from geb_jax.data.pretokenized import pretokenized_documents
 from tests.conftest import REPO_ROOT
 
 BEAM = ["--runner=FnApiRunner", "--direct_num_workers=2",

@@ -406,10 +406,10 @@ def test_quantized_exports_match_dequantized_engine_and_change_perplexity_little
 
 
 def test_export_mismatch_raises_and_leaves_nothing(exports, tokenizer, tmp_path, monkeypatch):
-    from geb_jax.export import onnx_export  # pylint: disable=import-outside-toplevel
+    from geb_jax.export import onnx_graph  # pylint: disable=import-outside-toplevel
     _, config, params = exports["gqa-untied-pre"]
-    real = onnx_export.rope_tables
-    monkeypatch.setattr(onnx_export, "rope_tables",
+    real = onnx_graph.rope_tables
+    monkeypatch.setattr(onnx_graph, "rope_tables",
                         lambda n, h, theta: real(n, h, theta * 2))  # a wrong graph
     with pytest.raises(OnnxExportError, match="differ from the numpy engine"):
         export_onnx(params, config, tokenizer.path, str(tmp_path / "bad.onnx"))

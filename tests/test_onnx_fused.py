@@ -17,8 +17,8 @@ import onnx
 import pytest
 
 from geb_jax.data.tokenizer import builtin_tokenizer
-from geb_jax.export.onnx_export import (OnnxExportError, build_onnx_model, export_onnx,
-                                        ort_feed, ort_graph, ort_session)
+from geb_jax.export.onnx_export import export_onnx, ort_feed, ort_graph, ort_session
+from geb_jax.export.onnx_graph import OnnxExportError, build_onnx_model
 from geb_jax.export.onnx_fused import build_fused_model, graph_ops
 from geb_jax.infer import Engine, load_model
 from geb_jax.infer.onnx_file import read_onnx_info, read_onnx_weights
@@ -226,12 +226,41 @@ def test_engine_reads_the_fused_file(files, variant, mode):
         assert head.input[1] == gather.input[0]
 
 
+def test_int4_default_float_table_with_its_own_quantized_tied_head(tokenizer, tmp_path):
+    """int4's default keeps the table float32 (GatherBlockQuantized cost +39 % perplexity on
+    SmolLM2-135M); a tied head is then its own MatMulNBits of the table, which the numpy
+    engine reads as Weights.lm_head, so both runtimes compute the same logits. int8's
+    default still quantizes the table."""
+    config, params = _params("mqa-tied-post")
+    path = export_onnx(params, config, tokenizer.path, str(tmp_path / "default.onnx"),
+                       quantize="int4", accuracy_level=0, graph="fused")
+    model = onnx.load(path, load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert "GatherBlockQuantized" not in ops and "FusedMatMul" not in ops
+    head = [n for n in model.graph.node if n.name == "/lm_head/MatMulNBits"][0]
+    assert head.input[1] == "lm_head.MatMul.weight_Q4"
+    weights, _ = read_onnx_weights(path)
+    table = params["embedding"]
+    assert np.array_equal(weights.embedding, table)
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    step = np.repeat(scales["lm_head.MatMul.weight_scales"], 32, axis=1)  # (V, D)
+    error = np.abs(weights.lm_head.T - table)
+    assert (error <= 0.5 * step + 1e-7).all() and error.max() > 0
+    ids = _tokens((1, 8), 11)
+    logits, _ = _Runner(path, config)(ids)
+    assert _record("int4_ftable_ort_vs_engine",
+                   np.abs(logits - Engine(weights).prefill(ids, all_logits=True)).max()) < TOL
+    named = Weights.from_params(params, dataclasses.asdict(config))
+    assert "GatherBlockQuantized" in [n.op_type for n in build_fused_model(
+        named, quantize="int8").graph.node]
+
+
 def test_external_data_fused_file_reads_and_runs(tokenizer, tmp_path):
     """Every initializer in the .data file (tied int4: the shared uint8 blocks too)."""
     config, params = _params("mqa-tied-post")
     path = export_onnx(params, config, tokenizer.path, str(tmp_path / "ext.onnx"),
                        quantize="int4", accuracy_level=0, graph="fused",
-                       external_data_threshold=0)
+                       external_data_threshold=0, quantize_embedding=True)
     model = onnx.load(path, load_external_data=False)
     external = {t.name for t in model.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL}

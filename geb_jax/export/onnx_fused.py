@@ -1,4 +1,4 @@
-"""The "fused" decoder graph: the same model as onnx_export's plain graph, composed of
+"""The "fused" decoder graph: the same model as onnx_graph's plain graph, composed of
 onnxruntime's CPU contrib kernels the way onnxruntime-genai's model builder composes a Llama
 (src/python/py/models/builders/base.py: make_layer, make_attention_mask_reformatting_for_gqa).
 
@@ -33,13 +33,17 @@ Inputs and outputs otherwise keep the plain graph's names, dtypes and layouts (i
 attention_mask, position_ids [B, T] int64, past_key_values.{i}.key / .value and
 present.{i}.key / .value [B, K, S, H], which is GroupQueryAttention's BNSH, logits
 [B, T, V]); the metadata geb_jax.onnx_graph = "fused" tells the two apart
-(onnx_export.ort_graph(session), onnx_file.read_onnx_info(path).graph).
+(onnx_export.ort_graph(session), onnx_file.read_onnx_info(path).graph). Decoding through
+onnxruntime IOBinding with one preallocated cache per layer that is both past and present:
+geb_jax/infer/onnx_decoder.py.
 
 Quantized (int8 / int4) exports use MatMulNBits for every linear and the head, as the plain
-graph does, and, unlike it, also quantize the embedding table (com.microsoft
-GatherBlockQuantized, same blocks along D) when D is a multiple of the block size; a tied
-model's head then is a MatMulNBits over the very same uint8 blocks (only the scales, and for
-int4 the zero points, are stored twice, in the two shapes the two kernels accept).
+graph does, a tied head included (the plain graph keeps a tied head float32). The embedding
+table is quantized too by default at int8 (com.microsoft GatherBlockQuantized, same blocks
+along D, when D is a multiple of the block size; a tied model's head then is a MatMulNBits over
+the very same uint8 blocks: only the scales, and for int4 the zero points, are stored twice, in
+the two shapes the two kernels accept) and stays float32 by default at int4, where quantizing it
+costs too much perplexity (build_fused_model's quantize_embedding says the trade-off).
 
 SimplifiedLayerNormalization sits in the ONNX domain, where onnxruntime registers it (and where
 the builder's models use it), so onnx.checker.check_model rejects the file; onnxruntime is its
@@ -51,10 +55,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from geb_jax.export.onnx_export import (DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, SUPPORTED_OPSETS,
-                                        OnnxExportError, _check_quantize, _ExternalDataWriter,
-                                        _Graph, _linear, _make_model, _Quant, _quantize_nbits)
+from geb_jax.export.onnx_graph import (DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, Graph, Quant,
+                                       graph_setup, linear, make_model, quantize_nbits)
 from geb_jax.infer.engine import rope_tables
+from geb_jax.infer.onnx_file import META_GRAPH
 from geb_jax.infer.weights import Weights
 
 MS = "com.microsoft"
@@ -63,30 +67,32 @@ MS = "com.microsoft"
 def build_fused_model(weights: Weights, *, quantize: str | None = None, block_size: int = 32,
                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = DEFAULT_OPSET,
                       stream_to: str | None = None,
-                      quantize_embedding: bool = True) -> onnx.ModelProto:
+                      quantize_embedding: bool | None = None) -> onnx.ModelProto:
     """The fused decoder graph of float32 `weights` (no metadata); see the module docstring.
 
-    Arguments as onnx_export.build_onnx_model's. quantize_embedding (quantized exports only):
-    the embedding table (and a tied head, which shares it) as GatherBlockQuantized /
-    MatMulNBits blocks; False keeps both float32, as the plain graph does."""
-    bits = _check_quantize(quantize, block_size, accuracy_level)
-    if opset not in SUPPORTED_OPSETS:
-        raise OnnxExportError(f"opset={opset} is not supported; choose one of "
-                              f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}.")
-    quant = _Quant(bits, block_size, accuracy_level)
-    writer = None if stream_to is None else _ExternalDataWriter(stream_to)
-    try:
-        model = _build(weights, quant, _Graph(opset, writer), quantize_embedding)
-    finally:
-        if writer is not None:
-            writer.close()
+    Arguments as onnx_graph.build_onnx_model's. quantize_embedding (quantized exports only):
+    the embedding table as GatherBlockQuantized blocks (a tied head then shares them), or
+    float32 (a tied head then gets its own MatMulNBits copy of the table, so decode still
+    reads quantized head bytes). None (the default) = quantized for int8, float32 for int4.
+    Held-out perplexity of SmolLM2-135M (tied; float32 23.02, llama.cpp q4_0 +30 %), fused
+    int4: quantized table +39 %, float32 table with its int4 head +36 % (an int8 head would
+    give +26 %, a float32 one +26 %: the tied head, not the lookup, carries most of the loss);
+    int8's quantized table costs +0.7 %. The float32 table costs file size and memory
+    (V x D x 4 bytes: SmolLM2-135M's 49152 x 576 is 113 MB against ~18 MB at int4), not decode
+    speed: a lookup reads only the tokens' rows."""
+    with graph_setup(quantize, block_size, accuracy_level, opset, stream_to) as (quant, g):
+        if quantize_embedding is None:
+            quantize_embedding = quant.bits == 8
+        model = _build(weights, quant, g, quantize_embedding)
     model.doc_string = ("geb_jax Llama-family decoder with KV cache (prefill and decode), fused: "
                         "GroupQueryAttention, SkipSimplifiedLayerNormalization; batches padded "
                         "on the right")
+    # even without export_onnx's metadata the graph says what it is (OnnxDecoder checks it)
+    onnx.helper.set_model_props(model, {META_GRAPH: "fused"})
     return model
 
 
-def _build(weights: Weights, quant: _Quant, g: _Graph, quantize_embedding: bool):
+def _build(weights: Weights, quant: Quant, g: Graph, quantize_embedding: bool):
     c = weights.config
     named = weights.to_named_tensors()  # HF names, torch [out, in] layouts
     table = named["model.embed_tokens.weight"]  # (V, D)
@@ -135,23 +141,31 @@ def _build(weights: Weights, quant: _Quant, g: _Graph, quantize_embedding: bool)
     else:
         x = g.op("SimplifiedLayerNormalization", [residual, final], "/model/norm", axis=-1,
                  epsilon=eps)
-    if not c.tie_embeddings:
-        logits = _linear(g, x, named["lm_head.weight"].T, "lm_head", quant, "/lm_head")
-    elif head_blocks is not None:  # MatMulNBits over the embedding's own uint8 blocks
-        packed, scales, zero_points = head_blocks
-        inputs = [x, packed, scales] + ([zero_points] if zero_points else [])
-        logits = g.op("MatMulNBits", inputs, "/lm_head", domain=MS, K=c.d_model,
-                      N=c.vocab_size, bits=quant.bits, block_size=quant.block_size,
-                      accuracy_level=quant.accuracy_level)
-    else:  # x (B, T, D) @ table (V, D)^T, reading the table in place
-        logits = g.op("FusedMatMul", [x, "model.embed_tokens.weight"], "/lm_head", domain=MS,
-                      transB=1, alpha=1.0)
+    logits = _head(g, x, c, named, quant, head_blocks)
     g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"],
                                          name="/lm_head/logits"))
-    return _make_model(g, c)
+    return make_model(g, c)
 
 
-def _skip_norm(g: _Graph, x: str, skip: str, scale: str, eps: float, scope: str,
+def _head(g: Graph, x: str, c, named, quant: Quant, head_blocks) -> str:
+    """The lm head: its own linear when untied; tied, MatMulNBits over the quantized table's
+    blocks, its own quantized copy of a float32 table, or the float32 table read in place."""
+    if not c.tie_embeddings:
+        return linear(g, x, named["lm_head.weight"].T, "lm_head", quant, "/lm_head")
+    if head_blocks is not None:  # MatMulNBits over the embedding's own uint8 blocks
+        packed, scales, zero_points = head_blocks
+        inputs = [x, packed, scales] + ([zero_points] if zero_points else [])
+        return g.op("MatMulNBits", inputs, "/lm_head", domain=MS, K=c.d_model,
+                    N=c.vocab_size, bits=quant.bits, block_size=quant.block_size,
+                    accuracy_level=quant.accuracy_level)
+    if quant.bits is not None:  # a float32 table, its own quantized copy as the head
+        return linear(g, x, named["model.embed_tokens.weight"].T, "lm_head", quant, "/lm_head")
+    # x (B, T, D) @ table (V, D)^T, reading the table in place
+    return g.op("FusedMatMul", [x, "model.embed_tokens.weight"], "/lm_head", domain=MS,
+                transB=1, alpha=1.0)
+
+
+def _skip_norm(g: Graph, x: str, skip: str, scale: str, eps: float, scope: str,
                with_sum: bool = True):
     """(rms_norm(x + skip) * scale, x + skip): SkipSimplifiedLayerNormalization's outputs 0
     and 3 (the sum only when with_sum; outputs 1, 2 are training statistics, not asked for)."""
@@ -163,7 +177,7 @@ def _skip_norm(g: _Graph, x: str, skip: str, scale: str, eps: float, scope: str,
     return out, (total if with_sum else None)
 
 
-def _gqa_lengths(g: _Graph) -> tuple[str, str, str]:
+def _gqa_lengths(g: Graph) -> tuple[str, str, str]:
     """GroupQueryAttention's length inputs, from attention_mask (B, P + T):
     seqlens_k [B] int32 = sum(mask) - 1 and total_sequence_length int32 scalar = P + T (the
     builder's make_attention_mask_reformatting_for_gqa), and query_seqlens [B] int32 = the sum
@@ -186,13 +200,13 @@ def _gqa_lengths(g: _Graph) -> tuple[str, str, str]:
     return seqlens_k, total, query_seqlens
 
 
-def _attention(g: _Graph, x: str, i: int, named, c, rope, lengths: tuple[str, str, str],
-               quant: _Quant, scope: str) -> str:
+def _attention(g: Graph, x: str, i: int, named, c, rope, lengths: tuple[str, str, str],
+               quant: Quant, scope: str) -> str:
     """Packed QKV projection, GroupQueryAttention (rotary inside), o projection; names the
     present.{i}.key / .value graph outputs."""
     p = f"model.layers.{i}.self_attn."
     qkv = np.concatenate([named[p + f"{x}_proj.weight"] for x in "qkv"], axis=0).T  # (D, ...)
-    y = _linear(g, x, qkv, p + "qkv_proj", quant, scope + "/qkv_proj")
+    y = linear(g, x, qkv, p + "qkv_proj", quant, scope + "/qkv_proj")
     del qkv
     outs = [f"{scope}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"]
     g.nodes.append(onnx.helper.make_node(
@@ -202,24 +216,24 @@ def _attention(g: _Graph, x: str, i: int, named, c, rope, lengths: tuple[str, st
         outs, name=f"{scope}/GroupQueryAttention", domain=MS, num_heads=c.n_heads,
         kv_num_heads=c.n_kv_heads, do_rotary=1, rotary_interleaved=0,
         scale=float(1.0 / np.sqrt(c.head_dim))))
-    return _linear(g, outs[0], named[p + "o_proj.weight"].T, p + "o_proj", quant,
+    return linear(g, outs[0], named[p + "o_proj.weight"].T, p + "o_proj", quant,
                    scope + "/o_proj")
 
 
-def _mlp(g: _Graph, x: str, i: int, named, c, quant: _Quant, scope: str) -> str:
+def _mlp(g: Graph, x: str, i: int, named, c, quant: Quant, scope: str) -> str:
     """down(silu(gate(x)) * up(x)) with one packed gate/up projection."""
     p = f"model.layers.{i}.mlp."
     gate_up = np.concatenate([named[p + "gate_proj.weight"], named[p + "up_proj.weight"]],
                              axis=0).T  # (D, 2F): gate columns, then up columns
-    y = _linear(g, x, gate_up, p + "gate_up_proj", quant, scope + "/gate_up_proj")
+    y = linear(g, x, gate_up, p + "gate_up_proj", quant, scope + "/gate_up_proj")
     del gate_up
     gate, up = g.op("Split", [y, g.const([c.d_ff, c.d_ff])], scope, outputs=2, axis=-1)
     act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], scope)], scope), up], scope)
-    return _linear(g, act, named[p + "down_proj.weight"].T, p + "down_proj", quant,
+    return linear(g, act, named[p + "down_proj.weight"].T, p + "down_proj", quant,
                    scope + "/down_proj")
 
 
-def _quantized_embedding(g: _Graph, table: np.ndarray, quant: _Quant, tied: bool):
+def _quantized_embedding(g: Graph, table: np.ndarray, quant: Quant, tied: bool):
     """input_ids -> (B, T, D) through GatherBlockQuantized on the table quantized as
     MatMulNBits quantizes a (K=D, N=V) weight: uint8 (V, blocks, bytes per block), stored
     once. GatherBlockQuantized reads it as rank-3 data quantized along its last axis, so it
@@ -228,7 +242,7 @@ def _quantized_embedding(g: _Graph, table: np.ndarray, quant: _Quant, tied: bool
     names when tied, else None)."""
     v, d = table.shape
     bits, bs = quant.bits, quant.block_size
-    packed, scales, zero_points = _quantize_nbits(np.ascontiguousarray(table.T), bits, bs)
+    packed, scales, zero_points = quantize_nbits(np.ascontiguousarray(table.T), bits, bs)
     blocks = packed.shape[1]
     base = "model.embed_tokens.weight"
     data = g.weight(f"{base}_Q{bits}", packed)

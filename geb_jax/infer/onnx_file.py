@@ -19,7 +19,9 @@ Format, as written by `export_onnx`:
   gate/up one ``mlp.gate_up_proj`` (gate, then up), each read once and split back here; a
   quantized file may hold the embedding as a com.microsoft GatherBlockQuantized node on
   ``input_ids`` (uint8 ``model.embed_tokens.weight_Q4`` / ``_Q8`` blocks along D), dequantized
-  here like the MatMulNBits weights.
+  here like the MatMulNBits weights. A tied model whose table is float32 in a quantized fused
+  file has its head as its own MatMulNBits ``lm_head.MatMul.weight_Q4`` / ``_Q8`` (the table,
+  quantized), read here as Weights.lm_head in place of the table's view.
 
 MatMulNBits weights are dequantized to float32 on load: their layout does not map onto
 geb_jax.infer.quantize (int8 here has one scale per 32-row block, Int8Matrix one per column;
@@ -194,6 +196,10 @@ def read_onnx_weights(path: str) -> tuple[Weights, OnnxModelInfo]:
         for linear in linear_names(c.n_layers, c.tie_embeddings):
             tensors.readers[linear + ".weight"] = functools.partial(packed.weight, linear)
         weights = Weights.from_named_tensors(tensors, c)
+        if c.tie_embeddings and any(f"lm_head{MATMUL_SUFFIX}_Q{bits}" in nbits
+                                    for bits in (4, 8)):  # a fused file's own quantized head
+            weights = dataclasses.replace(weights, lm_head=np.ascontiguousarray(
+                _linear_weight("lm_head", initializers, nbits).T))
     except (WeightsError, ValueError, OSError) as e:  # OSError: external data file missing
         raise ModelFileError(f"{path}: cannot read the weights ({type(e).__name__}: {e}); "
                              f"the file (or its external data) is truncated or was not "
