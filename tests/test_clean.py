@@ -522,7 +522,7 @@ def test_prepare_cli_errors_name_the_problem(tmp_path):
 
 def test_prepare_reader_skips_and_counts_bad_input(tmp_path):
     from geb_jax.data.bad_input import SkipReport
-    from geb_jax.data.prepare import PrepareError, read_files
+    from geb_jax.data.prepare_io import PrepareError, read_files
 
     files = {"empty.jsonl": b"", "latin1.txt": b"caf\xe9", "good.txt": b"fine text",
              "mixed.jsonl": b'{"text": "a"}\n{"body": 1}\n{"text": 7}\n{"text": "\xff"}\n'

@@ -89,6 +89,7 @@ def trained(tmp_path_factory, tok, model_config):
     workdir = tmp_path_factory.mktemp("run")
     config = base_config()
     config.model.update({k: getattr(model_config, k) for k in config.model.keys()})
+    config.train.seq_len = CONTEXT  # a stage's rows fit the model's context (run_config checks)
     optimizer = make_optimizer(run_config(config).optimizer)
     zero = jnp.zeros((), jnp.int32)  # TrainState built directly: create_state would re-init
     state = TrainState(step=zero, params=params, opt_state=optimizer.init(params),

@@ -8,7 +8,7 @@ every rule is the pure function (or filter object) that `chain.build_steps` buil
 a DoFn. Only the stateful stream steps change shape, into GroupByKey stages whose keep rule is
 "the lowest input index wins", so the result never depends on bundle order:
 
-    reading.py     input shards in parallel (prepare.read_file), bad records as counters
+    reading.py     input shards in parallel (prepare_io.read_file), bad records as counters
     rules.py       runs of per-document steps, the batched perplexity step, in/out counts
     paragraphs.py  paragraph dedup: digest -> GroupByKey -> first occurrence -> CoGroupByKey
     near_dedup.py  MinHash-LSH: signature -> exact groups -> band keys -> GroupByKey ->

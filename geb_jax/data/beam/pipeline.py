@@ -102,7 +102,7 @@ def run(config, output: str, paths: Sequence[str] | None, split: str,
 
     from geb_jax.data import pretokenize
     from geb_jax.data.beam import counters, writing
-    from geb_jax.data.prepare import nothing_usable, write_reports
+    from geb_jax.data.prepare_io import nothing_usable, write_reports
     clean = CleaningConfig.from_config(config.data.clean)
     check_supported(clean)
     os.makedirs(output, exist_ok=True)

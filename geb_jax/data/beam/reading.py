@@ -2,7 +2,7 @@
 
 The index is (file number << 40) | position in the file, so sorting by it gives exactly the
 single-process reading order and `index >> 40` names the input shard (the output group).
-Each shard is read by prepare.read_file, the single-process reader: bad records are skipped
+Each shard is read by prepare_io.read_file, the single-process reader: bad records are skipped
 and counted the same way, here as counters (and a few examples in the temp folder).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class ReadShard(beam.DoFn):
         self.max_record_bytes, self.temp_root = max_record_bytes, temp_root
 
     def process(self, item):
-        from geb_jax.data.prepare import read_file
+        from geb_jax.data.prepare_io import read_file
         file_index, path = item
         skipped = SkipReport()
         for position, doc in enumerate(read_file(path, skipped, self.max_record_bytes)):
@@ -48,7 +48,7 @@ class ReadInput(beam.PTransform):
 
     def expand(self, pbegin):
         if self.paths is None:
-            from geb_jax.data.prepare import builtin_input
+            from geb_jax.data.prepare_io import builtin_input
             docs = pbegin | beam.Create(list(enumerate(builtin_input(self.split))),
                                         reshuffle=False)
         else:

@@ -41,7 +41,7 @@ class WriteGroup(beam.DoFn):
         self.tokenizer = pretokenize.run_tokenizer(self.config) if self.tokens else None
 
     def process(self, item):
-        from geb_jax.data.prepare import write_documents
+        from geb_jax.data.prepare_io import write_documents
         group, members = item
         docs = [doc for _, doc in sorted(members, key=lambda m: m[0])]
         write_documents(os.path.join(self.temp_root, DOCS.format(group)), docs)
@@ -56,7 +56,7 @@ class WriteGroup(beam.DoFn):
 
 def commit_documents(temp_root: str, path: str) -> None:
     """Joins the documents parts in input order (a gzip file may hold several members)."""
-    from geb_jax.data.prepare import write_documents
+    from geb_jax.data.prepare_io import write_documents
     parts = sorted(glob.glob(os.path.join(temp_root, DOCS.format(0).replace("00000", "*"))))
     if not parts:
         write_documents(path, [])
