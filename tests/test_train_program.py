@@ -13,7 +13,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from geb_jax.config_loader import apply_overrides, load_config
 from geb_jax.parallel.mesh import make_mesh

@@ -32,6 +32,7 @@ section gets the defaults.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Sequence
@@ -44,6 +45,10 @@ from geb_jax.data.bad_input import SkipReport, SourceError
 from geb_jax.data.prepare_io import (PrepareError, builtin_input, count_builtin, read_files,
                                      resolve_inputs, write_documents, write_reports)
 from geb_jax.errors import ConfigError
+
+# Modules that register the scorers of data.clean.perplexity_model="model:<path>" (data/ imports
+# no model code itself); imported here and, under Beam, by each worker before it scores.
+SCORER_PLUGINS = ("geb_jax.eval.filter_scorer",)
 
 
 def load_prepare_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -119,8 +124,8 @@ def prepare(config: ml_collections.ConfigDict, output: str, inputs: Sequence[str
     import tqdm
 
     from geb_jax.data.clean import clean
-    # registers the scorers of data.clean.perplexity_model="model:<path>"
-    from geb_jax.eval import filter_scorer  # pylint: disable=unused-import
+    for module in SCORER_PLUGINS:
+        importlib.import_module(module)
 
     skipped = SkipReport()
     paths, documents, total = open_input(config, inputs, split, skipped)
@@ -166,7 +171,7 @@ def prepare_beam(config: ml_collections.ConfigDict, output: str, inputs: Sequenc
     from geb_jax.data.beam.pipeline import run
     paths, _, _ = open_input(config, inputs, split, SkipReport())
     _check_output(output)
-    return run(config, output, paths, split, beam_args, tokens, shard_mb)
+    return run(config, output, paths, split, beam_args, tokens, shard_mb, SCORER_PLUGINS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,7 +16,7 @@ Tasks (comma-separated in EvalConfig.tasks):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from geb_jax.eval.generation import evaluate_sft_generation
 from geb_jax.eval.multiple_choice import evaluate_multiple_choice

@@ -17,7 +17,7 @@ batches drawn (trained, skipped or replaced), so these numbers survive a resume.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from geb_jax.data.beam import counters
 from geb_jax.data.beam.rules import _Counted
 from geb_jax.data.clean import dedup
 from geb_jax.data.clean._text import is_natural_language, normalize, split_paragraphs

@@ -43,8 +43,9 @@ def near_dedup_stage(config: CleaningConfig, deduper):
                      seed=getattr(deduper, "seed", 1))
 
 
-def stages(config: CleaningConfig) -> list:
-    """The chain as PTransforms: runs of per-document steps, then each stateful step."""
+def stages(config: CleaningConfig, plugins: Sequence[str] = ()) -> list:
+    """The chain as PTransforms: runs of per-document steps, then each stateful step
+    (`plugins`: modules a worker imports before building the perplexity scorer)."""
     import apache_beam as beam
 
     from geb_jax.data.beam.paragraphs import ParagraphDedup
@@ -68,13 +69,13 @@ def stages(config: CleaningConfig) -> list:
             out.append((name, near_dedup_stage(config, built[name].fn)))
         else:
             out.append((name, beam.BatchElements(min_batch_size=64, max_batch_size=64)
-                        | beam.ParDo(Perplexity(config))))
+                        | beam.ParDo(Perplexity(config, tuple(plugins)))))
     close_run()
     return out
 
 
 def build(p, config, clean: CleaningConfig, paths, split: str, temp_root: str,
-          tokens: bool, shard_bytes: int):
+          tokens: bool, shard_bytes: int, plugins: Sequence[str] = ()):
     import apache_beam as beam
 
     from geb_jax.data import bad_input as B
@@ -84,7 +85,7 @@ def build(p, config, clean: CleaningConfig, paths, split: str, temp_root: str,
     max_bytes = config.data.get("max_record_bytes", B.DEFAULT_MAX_RECORD_BYTES)
     docs = (p | "read" >> ReadInput(paths, split, max_bytes, temp_root)
             | "count in" >> beam.ParDo(CountDocuments(output=False)))
-    for label, stage in stages(clean):
+    for label, stage in stages(clean, plugins):
         docs = docs | label >> stage
     tokens_split = "train" if paths is not None else split
     return (docs | "count out" >> beam.ParDo(CountDocuments(output=True))
@@ -95,7 +96,7 @@ def build(p, config, clean: CleaningConfig, paths, split: str, temp_root: str,
 
 def run(config, output: str, paths: Sequence[str] | None, split: str,
         pipeline_args: Sequence[str], tokens_dir: str | None = None,
-        shard_mb: float = 256):
+        shard_mb: float = 256, plugins: Sequence[str] = ()):
     """Runs the pipeline and commits documents.jsonl.gz, the report and the token folder."""
     beam = require_beam()
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -113,7 +114,7 @@ def run(config, output: str, paths: Sequence[str] | None, split: str,
         options = PipelineOptions(list(pipeline_args))
         p = beam.Pipeline(options=options)
         build(p, config, clean, paths, split, temp_root, tokens_dir is not None,
-              int(shard_mb * 2**20))
+              int(shard_mb * 2**20), plugins)
         runner = options.get_all_options().get("runner")
         print(f"beam: running the cleaning pipeline on {runner} (temp {temp_root}); Beam's "
               f"runner reports progress (a Flink / Dataflow job page lists each stage)",

@@ -7,6 +7,7 @@ drops the document, and its per-step counting into a Report, are used as they ar
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import apache_beam as beam
 
@@ -59,10 +60,14 @@ class Perplexity(_Counted):
     """
     names = ("perplexity",)
 
-    def __init__(self, config: CleaningConfig):
-        self.config = config
+    def __init__(self, config: CleaningConfig, plugins: tuple[str, ...] = ()):
+        self.config, self.plugins = config, tuple(plugins)
 
     def setup(self):
+        # a worker process imports the modules that register model scorers (data/ itself
+        # imports no model code; the CLI names them), as the launching process did
+        for module in self.plugins:
+            importlib.import_module(module)
         self.steps = steps_named(self.config, self.names)
 
     def process(self, batch):
