@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import collections.abc
-import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +31,7 @@ from geb_jax.data.tokenizer_files import load_tokenizer
 from geb_jax.export.onnx_graph import (  # noqa: F401  (OnnxExportError: re-exported)
     DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, OnnxExportError, build_onnx_model, check_quantize)
 from geb_jax.infer import onnx_file as fmt
-from geb_jax.infer.config import InferConfig
+from geb_jax.infer.config import InferConfig, config_dict
 from geb_jax.infer.engine import Engine
 from geb_jax.infer.onnx_decoder import right_padding_error
 from geb_jax.infer.weights import param_leaf
@@ -67,14 +66,10 @@ def chat_template_jinja() -> str:
 
 
 def _config_dict(model_config: Any) -> dict:
-    if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
-        return dataclasses.asdict(model_config)
-    if hasattr(model_config, "to_dict"):  # ml_collections.ConfigDict
-        return dict(model_config.to_dict())
-    if isinstance(model_config, Mapping):
-        return dict(model_config)
-    raise OnnxExportError(f"model_config must be a ModelConfig, ConfigDict or dict, got "
-                          f"{type(model_config).__name__}")
+    try:
+        return config_dict(model_config)
+    except TypeError as e:
+        raise OnnxExportError(f"model_config: {e}") from None
 
 
 def _set_metadata(model: onnx.ModelProto, config: dict, tokenizer_bytes: bytes,
