@@ -381,6 +381,7 @@ def _save_stage(workdir, stage, params, tokenizer_path):
     from geb_jax.train.state import TrainState
     config = base_config()
     config.model.update(dataclasses.asdict(CONFIG))
+    config.train.seq_len = CONFIG.max_seq_len  # a stage's rows fit the context (run_config checks)
     optimizer = make_optimizer(run_config(config).optimizer)
     params = jax.tree.map(jnp.asarray, params)
     zero_f, zero_i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)

@@ -254,6 +254,7 @@ def test_workdir_stage_checkpoint_loads_the_saved_parameters(setup, lm):
     workdir = setup["root"] / "workdir"
     run = base_config()
     run.model.update(dataclasses.asdict(setup["config"]))
+    run.train.seq_len = setup["config"].max_seq_len  # rows fit the context (run_config checks)
     jparams = jax.tree.map(jnp.asarray, setup["params"])
     optimizer = make_optimizer(run_config(run).optimizer)
     zero = jnp.zeros((), jnp.float32)
