@@ -101,7 +101,8 @@ import jax
 from geb_jax.config_base import base_config
 from geb_jax.model import ModelConfig
 from geb_jax.parallel.mesh import make_mesh
-from geb_jax.train.optimizer import OptimizerConfig, make_optimizer
+from geb_jax.run_config import run_config
+from geb_jax.train.optimizer import make_optimizer
 from geb_jax.train.state import init_sharded_state, state_shardings
 from geb_jax.tree_paths import path_name
 assert jax.device_count() == 4, jax.devices()
@@ -110,7 +111,7 @@ model = ModelConfig(vocab_size=lengths["vocab"], d_model=lengths["embed"],
                     n_layers=lengths["layers"], n_heads=lengths["heads"],
                     n_kv_heads=lengths["kv_heads"], head_dim=lengths["head_dim"],
                     d_ff=lengths["mlp"], max_seq_len=32)
-optimizer = make_optimizer(OptimizerConfig.from_dict(base_config().optimizer))
+optimizer = make_optimizer(run_config(base_config()).optimizer)
 mesh = make_mesh(sizes)
 state = init_sharded_state(model, optimizer, 0, state_shardings(model, optimizer, mesh))
 json.dump({path_name(path): {
