@@ -1,5 +1,8 @@
-"""Shared fixtures: a tiny model config (2 layers, d 32) and the repository root."""
+"""Shared fixtures: a tiny model config (2 layers, d 32), the repository root, and a loader for
+the scripts in experiments/ (they are files, not a package)."""
+import importlib.util
 import os
+import sys
 
 import jax
 import pytest
@@ -9,6 +12,19 @@ from geb_jax.model import ModelConfig
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py as a module (registered in sys.modules, which dataclasses need;
+    experiments/ on sys.path, so a script can import its sibling modules)."""
+    folder = os.path.join(REPO_ROOT, "experiments")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ arithmetic, the weight bytes read per decoded token against closed forms written
 config's shapes, the read-bandwidth bound and its labels; and the pure pieces (bound selection,
 last-level-cache labelling, profile aggregation, targets) on made-up inputs.
 """
-import importlib.util
 import json
 import os
 import statistics
@@ -16,19 +15,14 @@ import pytest
 from geb_jax.config_loader import load_config
 from geb_jax.model import ModelConfig
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_experiment
 
 SCRIPT = os.path.join(REPO_ROOT, "experiments", "bench_cpu.py")
 PROMPT, DECODE = 16, 4
 
 
 def _load_script():
-    sys.path.insert(0, os.path.join(REPO_ROOT, "experiments"))
-    spec = importlib.util.spec_from_file_location("bench_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_cpu"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment('bench_cpu')
 
 
 @pytest.fixture(scope="module")

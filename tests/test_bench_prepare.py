@@ -2,7 +2,6 @@
 times and one small run of the whole command in a fresh process."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -13,15 +12,11 @@ import numpy as np
 
 from geb_jax.data.clean.dedup import shingles
 from geb_jax.data.corpus import builtin_documents
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_experiment
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location(
-        "bench_prepare", os.path.join(REPO_ROOT, "experiments", "bench_prepare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment('bench_prepare')
 
 
 def test_perturbed_copies_keep_their_shape_but_are_not_near_duplicates():

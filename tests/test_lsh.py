@@ -3,7 +3,6 @@ datasketch, band keys against datasketch's MinHashLSH, clusters against scipy, r
 planted near-duplicates, and the near_dedup config fields."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -16,15 +15,11 @@ import pytest
 from geb_jax.data.clean import CleaningConfigError, build_steps, lsh
 from geb_jax.data.clean.chain import CleaningConfig
 from geb_jax.data.clean.dedup import NearDuplicateDeduper, shingles
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_experiment
 
 
 def _experiment():
-    spec = importlib.util.spec_from_file_location(
-        "lsh_quality", os.path.join(REPO_ROOT, "experiments", "lsh_quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment('lsh_quality')
 
 
 # ------------------------------------------------------------------------------ S-curve
