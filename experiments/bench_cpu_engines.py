@@ -20,12 +20,13 @@ Engines and what each dtype means for them:
 
   numpy              geb_jax.infer.Engine; int8 / int4 = geb_jax.infer.quantize (layer matrices)
   onnxruntime        our plain graph (geb_jax.export.onnx_graph.build_onnx_model); int8 / int4
-                     = MatMulNBits block 32, accuracy_level 4 (int8 activations), every linear
-                     and an untied head; int8 symmetric, int4 with zero points; embedding f32
+                     = symmetric MatMulNBits (the exporter's defaults: blocks of 32 at int8,
+                     128 at int4), accuracy_level 4 (int8 activations), every linear; an
+                     untied head at 8 bits; embedding f32
   onnxruntime_fused  our fused graph (geb_jax.export.onnx_fused: GroupQueryAttention,
                      SkipSimplifiedLayerNormalization, packed QKV and gate/up); quantized as the
-                     plain graph, a tied head too; the embedding GatherBlockQuantized at int8,
-                     float32 at int4 (the exporter's defaults); decoded through
+                     plain graph, a tied head at 8 bits too; the embedding 8-bit
+                     GatherBlockQuantized (the exporter's defaults); decoded through
                      geb_jax.infer.onnx_decoder (IOBinding, one shared past/present cache)
   ort_genai          onnxruntime-genai 's own model builder (python -m
                      onnxruntime_genai.models.builder -i <hf folder> -p fp32|int8|int4 -e cpu,
@@ -76,10 +77,10 @@ DTYPES = ("f32", "bf16", "int8", "int4")
 ENGINE_FORMATS = {  # engine -> {dtype: the format that engine runs}
     "numpy": {"f32": "float32", "int8": "int8 per channel", "int4": "int4 g32 asym"},
     "onnxruntime": {"f32": "plain graph f32", "int8": "plain MatMulNBits 8b b32 sym acc4",
-                    "int4": "plain MatMulNBits 4b b32 asym acc4"},
+                    "int4": "plain MatMulNBits 4b b128 sym acc4, 8b head"},
     "onnxruntime_fused": {"f32": "fused graph f32 iobind",
                           "int8": "fused MatMulNBits 8b b32 sym acc4 iobind",
-                          "int4": "fused MatMulNBits 4b b32 asym acc4 f32 emb iobind"},
+                          "int4": "fused MatMulNBits 4b b128 sym acc4, 8b head+emb iobind"},
     "ort_genai": {"f32": "genai builder fp32", "int8": "genai builder int8 b32 sym acc4",
                   "int4": "genai builder int4 b32 sym acc4"},
     "torch": {"f32": "float32", "bf16": "bfloat16"},

@@ -36,10 +36,8 @@ def session(weights, bits, level, block, threads):
             arrays = {f"w{i}": weight}
             nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [y]))
         else:
-            packed, scales, zero = quantize_nbits(weight, bits, block)
+            packed, scales = quantize_nbits(weight, bits, block)
             arrays = {f"p{i}": packed, f"s{i}": scales}
-            if zero is not None:
-                arrays[f"z{i}"] = zero
             nodes.append(helper.make_node("MatMulNBits", ["x", *arrays], [y],
                                           domain="com.microsoft", K=K, N=N, bits=bits,
                                           block_size=block, accuracy_level=level))

@@ -105,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
         formats="numpy,onnx,gguf,hf",
         onnx_quantize="none,int8,int4",  # one .onnx file each
         onnx_accuracy_level=4,  # quantized MatMul compute: 4 = int8 activations, 0 = float32
-        onnx_block_size=32,  # MatMulNBits (and quantized embedding) rows per block
+        onnx_block_size=0,  # MatMulNBits rows per block; 0 = 32 at int8, 128 at int4
         # plain: standard ONNX ops, any padding side; fused: onnxruntime's GroupQueryAttention
         # + SkipSimplifiedLayerNormalization, packed QKV and gate/up, quantized embedding,
         # batches padded on the right (geb_jax/export/onnx_fused.py)

@@ -148,7 +148,7 @@ class ExportConfig(Section):
     formats: str = "numpy,onnx,gguf,hf"
     onnx_quantize: str = "none,int8,int4"
     onnx_accuracy_level: int = 4
-    onnx_block_size: int = 32
+    onnx_block_size: int = 0  # 0: onnx_graph.DEFAULT_BLOCK_SIZES
     onnx_graph: str = "plain"
     gguf_dtypes: str = "f16,q8_0"
     out: str = ""

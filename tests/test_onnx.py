@@ -357,7 +357,8 @@ def test_quantized_exports_match_dequantized_engine_and_change_perplexity_little
         scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                   if t.name.endswith("_scales")}
         q_scale = scales["model.layers.0.self_attn.q_proj.MatMul.weight_scales"]  # (out, blk)
-        step = np.repeat(np.abs(q_scale).T, 32, axis=0)  # (in, out); int8 scales are signed
+        block = config.d_model // q_scale.shape[1]  # 32 at int8; int4's 128 cut to K = 64
+        step = np.repeat(np.abs(q_scale).T, block, axis=0)  # (in, out); scales are signed
         n_q = config.n_heads * config.head_dim
         error = np.abs(weights.layers[0].qkv[:, :n_q] - float_weights.layers[0].qkv[:, :n_q])
         assert (error <= step * (0.5 if bits == 8 else 1.0) + 1e-7).all()

@@ -211,12 +211,15 @@ def test_engine_reads_the_fused_file(files, variant, mode):
     table = params["embedding"]
     scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
               if t.name.endswith("gather_scales")}
-    step = np.repeat(np.abs(scales["model.embed_tokens.weight_gather_scales"][..., 0]), 32,
-                     axis=1)
+    gather = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"][0]
+    attrs = {a.name: a.i for a in gather.attribute}
+    assert attrs["bits"] == 8 and len(gather.input) == 3  # 8-bit at int4 too; no zero points
+    step = np.repeat(np.abs(scales["model.embed_tokens.weight_gather_scales"][..., 0]),
+                     attrs["block_size"], axis=1)
     error = np.abs(weights.embedding - table)
-    # int4 rounds to the nearest of 16 levels; symmetric int8 maps the block's largest |w| to
-    # -128, so a +|w| of the other sign clips at 127: up to one step (measured 0.96)
-    assert (error <= step * (1.0 if mode == "int8" else 0.5) + 1e-7).all() and error.max() > 0
+    # symmetric blocks map the block's largest |w| to -128, so a +|w| of the other sign
+    # clips at 127: up to one step (measured 0.96)
+    assert (error <= step + 1e-7).all() and error.max() > 0
     engine = Engine(weights).prefill(ids, all_logits=True)
     logits, _ = _Runner(path, config)(ids)
     assert _record(f"{mode}_qtable_ort_vs_engine", np.abs(logits - engine).max()) < TOL
@@ -226,37 +229,81 @@ def test_engine_reads_the_fused_file(files, variant, mode):
         assert head.input[1] == gather.input[0]
 
 
-def test_int4_default_float_table_with_its_own_quantized_tied_head(tokenizer, tmp_path):
-    """int4's default keeps the table float32 (GatherBlockQuantized cost +39 % perplexity on
-    SmolLM2-135M); a tied head is then its own MatMulNBits of the table, which the numpy
-    engine reads as Weights.lm_head, so both runtimes compute the same logits. int8's
-    default still quantizes the table."""
+def _reference_symmetric_blocks(w_kn: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """llama.cpp's q4_0 rule (quantize_row_q4_0_ref), for any bits, in float64: per block of
+    `block` rows, scale = (the value of largest |w|) / -2^(bits-1), code =
+    clip(floor(w / scale + 2^(bits-1) + 0.5), 0, 2^bits - 1), w ~ (code - 2^(bits-1)) * scale.
+    Returns the dequantized (K, N) matrix and the scales (N, blocks)."""
+    k, n = w_kn.shape
+    blocks = w_kn.astype(np.float64).T.reshape(n, k // block, block)
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+    half = 2 ** (bits - 1)
+    scale = largest / -half
+    code = np.clip(np.floor(blocks / scale + half + 0.5), 0, 2 * half - 1)
+    return ((code - half) * scale).reshape(n, k).T, scale[..., 0]
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 32), (8, 64)])
+def test_quantized_blocks_follow_llama_cpp_symmetric_rule(bits, block):
+    """The exporter's MatMulNBits blocks are q4_0-style symmetric blocks (float32 scales, no
+    zero points), read back by the numpy engine's reader: the same weights as the float64
+    rule, int4 exactly, int8 but for rounding ties of float32 w / scale (measured 1 element
+    in 12,288 off by one step)."""
+    from geb_jax.export.onnx_graph import quantize_nbits
+    from geb_jax.infer.onnx_file import dequantize_matmul_nbits
+    k, n = 256, 48
+    w = (np.random.default_rng(bits + block).standard_t(4, (k, n)) * 0.05).astype(np.float32)
+    packed, scales = quantize_nbits(w, bits, block)
+    got = dequantize_matmul_nbits(packed, scales, None, k, n, bits, block)
+    expected, expected_scales = _reference_symmetric_blocks(w, bits, block)
+    np.testing.assert_allclose(scales, expected_scales, rtol=1e-6)
+    step = np.repeat(np.abs(expected_scales).T, block, axis=0)  # (K, N)
+    off = np.abs(got - expected) > 1e-4 * step  # float32 products: ~1e-5 of a step at 8 bits
+    assert off.mean() <= (0 if bits == 4 else 1e-3), off.sum()
+    assert (np.abs(got - expected) <= step * 1.0001).all()
+
+
+def test_int4_export_layout_and_the_float_table_option(tokenizer, tmp_path):
+    """int4 by default: symmetric 4-bit layers in blocks of 128, cut to 64 where K = 64 (no
+    padded rows), an 8-bit head that shares the 8-bit table's blocks; quantize_embedding=False
+    keeps the table float32 and gives the tied head its own 8-bit copy, which the numpy
+    engine reads as Weights.lm_head. Both files: the engine equals onnxruntime."""
     config, params = _params("mqa-tied-post")
-    path = export_onnx(params, config, tokenizer.path, str(tmp_path / "default.onnx"),
-                       quantize="int4", accuracy_level=0, graph="fused")
-    model = onnx.load(path, load_external_data=False)
-    ops = [n.op_type for n in model.graph.node]
-    assert "GatherBlockQuantized" not in ops and "FusedMatMul" not in ops
-    head = [n for n in model.graph.node if n.name == "/lm_head/MatMulNBits"][0]
-    assert head.input[1] == "lm_head.MatMul.weight_Q4"
-    weights, _ = read_onnx_weights(path)
-    table = params["embedding"]
-    assert np.array_equal(weights.embedding, table)
-    scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    step = np.repeat(scales["lm_head.MatMul.weight_scales"], 32, axis=1)  # (V, D)
-    error = np.abs(weights.lm_head.T - table)
-    assert (error <= 0.5 * step + 1e-7).all() and error.max() > 0
     ids = _tokens((1, 8), 11)
-    logits, _ = _Runner(path, config)(ids)
-    assert _record("int4_ftable_ort_vs_engine",
-                   np.abs(logits - Engine(weights).prefill(ids, all_logits=True)).max()) < TOL
-    named = Weights.from_params(params, dataclasses.asdict(config))
-    assert "GatherBlockQuantized" in [n.op_type for n in build_fused_model(
-        named, quantize="int8").graph.node]
+    table = params["embedding"]
+    for quantize_embedding in (True, False):
+        path = export_onnx(params, config, tokenizer.path,
+                           str(tmp_path / f"int4-{quantize_embedding}.onnx"), quantize="int4",
+                           accuracy_level=0, graph="fused",
+                           quantize_embedding=quantize_embedding)
+        model = onnx.load(path, load_external_data=False)
+        nbits = {n.name: (n, {a.name: a.i for a in n.attribute}) for n in model.graph.node
+                 if n.op_type == "MatMulNBits"}
+        head, head_attrs = nbits.pop("/lm_head/MatMulNBits")
+        assert (head_attrs["bits"], head_attrs["block_size"]) == (8, 64)
+        assert {(a["K"], a["bits"], a["block_size"], len(n.input))
+                for n, a in nbits.values()} == {(64, 4, 64, 3), (128, 4, 128, 3)}  # down: F = 128
+        assert read_onnx_info(path).metadata["geb_jax.block_size"] == "128"
+        weights, _ = read_onnx_weights(path)
+        ops = [n.op_type for n in model.graph.node]
+        if quantize_embedding:
+            gather = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"][0]
+            assert head.input[1] == gather.input[0] == "model.embed_tokens.weight_Q8"
+        else:
+            assert "GatherBlockQuantized" not in ops and "FusedMatMul" not in ops
+            assert head.input[1] == "lm_head.MatMul.weight_Q8"
+            assert np.array_equal(weights.embedding, table)
+            scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+            step = np.repeat(np.abs(scales["lm_head.MatMul.weight_scales"]), 64, axis=1)
+            error = np.abs(weights.lm_head.T - table)
+            assert (error <= step + 1e-7).all() and error.max() > 0
+        logits, _ = _Runner(path, config)(ids)
+        assert _record(f"int4_table_{quantize_embedding}_ort_vs_engine", np.abs(
+            logits - Engine(weights).prefill(ids, all_logits=True)).max()) < TOL
 
 
 def test_external_data_fused_file_reads_and_runs(tokenizer, tmp_path):
-    """Every initializer in the .data file (tied int4: the shared uint8 blocks too)."""
+    """Every initializer in the .data file (tied int4: the shared 8-bit blocks too)."""
     config, params = _params("mqa-tied-post")
     path = export_onnx(params, config, tokenizer.path, str(tmp_path / "ext.onnx"),
                        quantize="int4", accuracy_level=0, graph="fused",
@@ -264,7 +311,7 @@ def test_external_data_fused_file_reads_and_runs(tokenizer, tmp_path):
     model = onnx.load(path, load_external_data=False)
     external = {t.name for t in model.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL}
-    assert {"model.embed_tokens.weight_Q4", "model.layers.1.self_attn.qkv_proj.MatMul.weight_Q4",
+    assert {"model.embed_tokens.weight_Q8", "model.layers.1.self_attn.qkv_proj.MatMul.weight_Q4",
             "model.layers.1.mlp.gate_up_proj.MatMul.weight_Q4"} <= external
     weights, _ = load_model(path)
     ids = _tokens((1, 6), 9)

@@ -29,7 +29,8 @@ from geb_jax.data import chat
 from geb_jax.data.tokenizer_bundle import bundle, unbundle
 from geb_jax.data.tokenizer_files import load_tokenizer
 from geb_jax.export.onnx_graph import (  # noqa: F401  (OnnxExportError: re-exported)
-    DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, OnnxExportError, build_onnx_model, check_quantize)
+    DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, OnnxExportError, build_onnx_model, check_quantize,
+    resolved_block_size)
 from geb_jax.infer import onnx_file as fmt
 from geb_jax.infer.config import InferConfig, config_dict
 from geb_jax.infer.engine import Engine
@@ -260,7 +261,7 @@ _param = param_leaf  # one leaf, shape-checked (geb_jax/infer/weights.py)
 
 
 def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_path: str, *,
-                quantize: str | None = None, block_size: int = 32,
+                quantize: str | None = None, block_size: int | None = None,
                 accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = DEFAULT_OPSET,
                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
                 overwrite: bool = False, verify: bool = True, graph: str = "plain",
@@ -269,14 +270,15 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
     external_data_threshold bytes, and tokenizer.model beside it. Returns out_path.
 
     params: the model's parameter tree (numpy or jax arrays); model_config: ModelConfig,
-    ConfigDict or dict; quantize: None, "int8" or "int4" (every linear, the untied head too,
-    as MatMulNBits with `block_size` rows per block; the embedding and a tied head stay
-    float32 in the plain graph); accuracy_level: MatMulNBits' compute type (4: int8
-    activations, 0: float32). graph: "plain" (this module's standard-op graph) or "fused"
-    (geb_jax/export/onnx_fused.py: onnxruntime's GroupQueryAttention and
-    SkipSimplifiedLayerNormalization, packed QKV and gate/up; batches padded on the right),
-    whose quantized form also quantizes a tied head, and the embedding table per
-    quantize_embedding (default: at int8, not at int4; onnx_fused.build_fused_model says why).
+    ConfigDict or dict; quantize: None, "int8" or "int4" (every linear as symmetric
+    MatMulNBits with `block_size` rows per block, default 32 at int8 and 128 at int4; the
+    untied head at 8 bits; the embedding and a tied head stay float32 in the plain graph);
+    accuracy_level: MatMulNBits' compute type (4: int8 activations, 0: float32). graph:
+    "plain" (this module's standard-op graph) or "fused" (geb_jax/export/onnx_fused.py:
+    onnxruntime's GroupQueryAttention and SkipSimplifiedLayerNormalization, packed QKV and
+    gate/up; batches padded on the right), whose quantized form also quantizes a tied head
+    and, unless quantize_embedding=False, the embedding table (both 8-bit, shared blocks;
+    onnx_fused.build_fused_model says why).
     Files are written to a temporary folder, checked with
     onnxruntime against the numpy engine (verify=True), then renamed into place, the .onnx
     last.
@@ -284,7 +286,8 @@ def export_onnx(params: Mapping, model_config: Any, tokenizer_path: str, out_pat
     out_path = os.path.abspath(os.fspath(out_path))
     if not out_path.endswith(".onnx"):
         raise OnnxExportError(f"out_path {out_path} must end with .onnx")
-    check_quantize(quantize, block_size, accuracy_level)
+    block_size = resolved_block_size(check_quantize(quantize, block_size, accuracy_level),
+                                     block_size)
     if graph not in fmt.GRAPHS:
         raise OnnxExportError(f"graph={graph!r} is not one of {', '.join(fmt.GRAPHS)}")
     config = _config_dict(model_config)

@@ -37,13 +37,13 @@ present.{i}.key / .value [B, K, S, H], which is GroupQueryAttention's BNSH, logi
 onnxruntime IOBinding with one preallocated cache per layer that is both past and present:
 geb_jax/infer/onnx_decoder.py.
 
-Quantized (int8 / int4) exports use MatMulNBits for every linear and the head, as the plain
-graph does, a tied head included (the plain graph keeps a tied head float32). The embedding
-table is quantized too by default at int8 (com.microsoft GatherBlockQuantized, same blocks
-along D, when D is a multiple of the block size; a tied model's head then is a MatMulNBits over
-the very same uint8 blocks: only the scales, and for int4 the zero points, are stored twice, in
-the two shapes the two kernels accept) and stays float32 by default at int4, where quantizing it
-costs too much perplexity (build_fused_model's quantize_embedding says the trade-off).
+Quantized (int8 / int4) exports use MatMulNBits for every linear (symmetric blocks, no zero
+points; 32 rows per block at int8, 128 at int4: onnx_graph.DEFAULT_BLOCK_SIZES) and an 8-bit
+head (onnx_graph.HEAD_BITS), as the plain graph does, a tied head included (the plain graph
+keeps a tied head float32). The embedding table is quantized too by default, at the head's
+8 bits (com.microsoft GatherBlockQuantized, blocks along D, Quant.for_head); a tied model's
+head then is a MatMulNBits over the very same uint8 blocks: only the scales are stored twice,
+in the two shapes the two kernels accept.
 
 SimplifiedLayerNormalization sits in the ONNX domain, where onnxruntime registers it (and where
 the builder's models use it), so onnx.checker.check_model rejects the file; onnxruntime is its
@@ -64,26 +64,23 @@ from geb_jax.infer.weights import Weights
 MS = "com.microsoft"
 
 
-def build_fused_model(weights: Weights, *, quantize: str | None = None, block_size: int = 32,
+def build_fused_model(weights: Weights, *, quantize: str | None = None,
+                      block_size: int | None = None,
                       accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = DEFAULT_OPSET,
                       stream_to: str | None = None,
                       quantize_embedding: bool | None = None) -> onnx.ModelProto:
     """The fused decoder graph of float32 `weights` (no metadata); see the module docstring.
 
-    Arguments as onnx_graph.build_onnx_model's. quantize_embedding (quantized exports only):
-    the embedding table as GatherBlockQuantized blocks (a tied head then shares them), or
-    float32 (a tied head then gets its own MatMulNBits copy of the table, so decode still
-    reads quantized head bytes). None (the default) = quantized for int8, float32 for int4.
-    Held-out perplexity of SmolLM2-135M (tied; float32 23.02, llama.cpp q4_0 +30 %), fused
-    int4: quantized table +39 %, float32 table with its int4 head +36 % (an int8 head would
-    give +26 %, a float32 one +26 %: the tied head, not the lookup, carries most of the loss);
-    int8's quantized table costs +0.7 %. The float32 table costs file size and memory
-    (V x D x 4 bytes: SmolLM2-135M's 49152 x 576 is 113 MB against ~18 MB at int4), not decode
-    speed: a lookup reads only the tokens' rows."""
+    Arguments as onnx_graph.build_onnx_model's. quantize_embedding (quantized exports only,
+    default True): the embedding table as 8-bit GatherBlockQuantized blocks (a tied head then
+    shares them), or float32 (a tied head then gets its own 8-bit MatMulNBits copy of the
+    table). The table costs decode no speed either way (a lookup reads only the tokens' rows)
+    but float32 costs memory: V x D x 4 bytes, 531 MB for GEB-1.3B against 133 MB at 8 bits.
+    Held-out perplexity of SmolLM2-135M (tied), 16 documents of the built-in valid split:
+    float32 28.12, the 8-bit table +0.4 % at int8; at int4 (blocks of 128) +32.7 % against
+    llama.cpp q4_0's +35.8 % on the same text (docs/benchmarks.md, "int4 format")."""
     with graph_setup(quantize, block_size, accuracy_level, opset, stream_to) as (quant, g):
-        if quantize_embedding is None:
-            quantize_embedding = quant.bits == 8
-        model = _build(weights, quant, g, quantize_embedding)
+        model = _build(weights, quant, g, quantize_embedding is not False)
     model.doc_string = ("geb_jax Llama-family decoder with KV cache (prefill and decode), fused: "
                         "GroupQueryAttention, SkipSimplifiedLayerNormalization; batches padded "
                         "on the right")
@@ -96,10 +93,11 @@ def _build(weights: Weights, quant: Quant, g: Graph, quantize_embedding: bool):
     c = weights.config
     named = weights.to_named_tensors()  # HF names, torch [out, in] layouts
     table = named["model.embed_tokens.weight"]  # (V, D)
+    head_quant = quant.for_head(c.d_model)
     quantized_table = (quant.bits is not None and quantize_embedding
-                       and c.d_model % quant.block_size == 0)
+                       and c.d_model % head_quant.block_size == 0)
     if quantized_table:
-        x, head_blocks = _quantized_embedding(g, table, quant, c.tie_embeddings)
+        x, head_blocks = _quantized_embedding(g, table, head_quant, c.tie_embeddings)
     else:
         x = g.op("Gather", [g.weight("model.embed_tokens.weight", table), "input_ids"],
                  "/model/embed_tokens", axis=0)  # (B, T, D)
@@ -141,21 +139,21 @@ def _build(weights: Weights, quant: Quant, g: Graph, quantize_embedding: bool):
     else:
         x = g.op("SimplifiedLayerNormalization", [residual, final], "/model/norm", axis=-1,
                  epsilon=eps)
-    logits = _head(g, x, c, named, quant, head_blocks)
+    logits = _head(g, x, c, named, head_quant, head_blocks)
     g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"],
                                          name="/lm_head/logits"))
     return make_model(g, c)
 
 
 def _head(g: Graph, x: str, c, named, quant: Quant, head_blocks) -> str:
-    """The lm head: its own linear when untied; tied, MatMulNBits over the quantized table's
-    blocks, its own quantized copy of a float32 table, or the float32 table read in place."""
+    """The lm head (quant: Quant.for_head's): its own linear when untied; tied, MatMulNBits
+    over the quantized table's blocks, its own quantized copy of a float32 table, or the
+    float32 table read in place."""
     if not c.tie_embeddings:
         return linear(g, x, named["lm_head.weight"].T, "lm_head", quant, "/lm_head")
     if head_blocks is not None:  # MatMulNBits over the embedding's own uint8 blocks
-        packed, scales, zero_points = head_blocks
-        inputs = [x, packed, scales] + ([zero_points] if zero_points else [])
-        return g.op("MatMulNBits", inputs, "/lm_head", domain=MS, K=c.d_model,
+        packed, scales = head_blocks
+        return g.op("MatMulNBits", [x, packed, scales], "/lm_head", domain=MS, K=c.d_model,
                     N=c.vocab_size, bits=quant.bits, block_size=quant.block_size,
                     accuracy_level=quant.accuracy_level)
     if quant.bits is not None:  # a float32 table, its own quantized copy as the head
@@ -235,29 +233,22 @@ def _mlp(g: Graph, x: str, i: int, named, c, quant: Quant, scope: str) -> str:
 
 def _quantized_embedding(g: Graph, table: np.ndarray, quant: Quant, tied: bool):
     """input_ids -> (B, T, D) through GatherBlockQuantized on the table quantized as
-    MatMulNBits quantizes a (K=D, N=V) weight: uint8 (V, blocks, bytes per block), stored
-    once. GatherBlockQuantized reads it as rank-3 data quantized along its last axis, so it
-    needs (V, blocks, 1) scales and one zero point per byte; MatMulNBits (the tied head)
-    takes the (V, blocks) originals. Returns (embedded, the head's (data, scales, zero_points)
-    names when tied, else None)."""
+    MatMulNBits quantizes a (K=D, N=V) weight (symmetric, the default zero point): uint8
+    (V, blocks, bytes per block), stored once. GatherBlockQuantized reads it as rank-3 data
+    quantized along its last axis, so it needs (V, blocks, 1) scales; MatMulNBits (the tied
+    head) takes the (V, blocks) originals. Returns (embedded, the head's (data, scales) names
+    when tied, else None)."""
     v, d = table.shape
     bits, bs = quant.bits, quant.block_size
-    packed, scales, zero_points = quantize_nbits(np.ascontiguousarray(table.T), bits, bs)
+    packed, scales = quantize_nbits(np.ascontiguousarray(table.T), bits, bs)
     blocks = packed.shape[1]
     base = "model.embed_tokens.weight"
     data = g.weight(f"{base}_Q{bits}", packed)
-    inputs = [data, "input_ids", g.weight(f"{base}_gather_scales", scales.reshape(v, blocks, 1))]
-    if zero_points is not None:  # int4: uint4 pairs per byte -> one per byte, low nibble
-        unpacked = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(v, -1)
-        inputs.append(g.weight(f"{base}_gather_zero_points",
-                               np.ascontiguousarray(unpacked[:, :blocks, None])))
-    head = None
-    if tied:
-        head = (data, g.weight(f"{base}_scales", scales),
-                None if zero_points is None else g.weight(f"{base}_zero_points", zero_points))
+    gather_scales = g.weight(f"{base}_gather_scales", scales.reshape(v, blocks, 1))
+    head = (data, g.weight(f"{base}_scales", scales)) if tied else None
     scope = "/model/embed_tokens"
-    y = g.op("GatherBlockQuantized", inputs, scope, domain=MS, bits=bits, block_size=bs,
-             gather_axis=0, quantize_axis=2)  # (B, T, blocks, block_size)
+    y = g.op("GatherBlockQuantized", [data, "input_ids", gather_scales], scope, domain=MS,
+             bits=bits, block_size=bs, gather_axis=0, quantize_axis=2)  # (B, T, blocks, bs)
     return g.op("Reshape", [y, g.const([0, 0, d])], scope), head
 
 

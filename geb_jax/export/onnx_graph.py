@@ -53,6 +53,16 @@ QUANT_BITS = {"int8": 8, "int4": 4}
 # and ~40x for 8 bits at batch 1 on 2 AVX2 cores (experiments/probe_matmulnbits.py).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 DEFAULT_ACCURACY_LEVEL = 4
+# Rows of K per MatMulNBits block (one float32 scale each), by bits, chosen by measurement
+# (docs/benchmarks.md, "int4 format"): int4 blocks of 128 decode GEB-1.3B ~1.3x faster than
+# blocks of 32 (onnxruntime's int8-compute kernel spends per block, not per byte) and lose
+# less held-out perplexity on SmolLM2-135M than llama.cpp's q4_0 once the head is 8-bit;
+# int8 keeps 32 (128 cost +1.2 % perplexity against +0.4 %).
+DEFAULT_BLOCK_SIZES = {8: 32, 4: 128}
+# The lm head (and a quantized embedding table, which a tied head shares) of every quantized
+# export is 8-bit: at int4 the head carried most of the perplexity loss (SmolLM2-135M, 16
+# held-out documents: +38.6 % with an int4 head, +28.0 % with an int8 one).
+HEAD_BITS = 8
 
 
 class OnnxExportError(ValueError):
@@ -140,12 +150,30 @@ class Quant:
     block_size: int
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL  # MatMulNBits compute type (see above)
 
+    def block_for(self, k: int) -> int:
+        """The block size of a (K, N) weight: the largest power of two <= block_size that
+        divides K (no padded rows; SmolLM2-135M's K = 576 takes 64 at int4), at least 16."""
+        block = self.block_size
+        while block > 16 and k % block:
+            block //= 2
+        return block
+
+    def for_head(self, d_model: int) -> "Quant":
+        """The lm head's (and a quantized table's) quantization: HEAD_BITS in d_model's
+        blocks (block_for), which GatherBlockQuantized can read as a table's blocks too."""
+        if self.bits is None:
+            return self
+        return Quant(HEAD_BITS, self.block_for(d_model), self.accuracy_level)
+
 
 def quantize_nbits(w_kn: np.ndarray, bits: int, block_size: int):
-    """onnxruntime's own MatMulNBits quantizer kernel (the one MatMulNBitsQuantizer calls).
+    """onnxruntime's own MatMulNBits quantizer kernel (the one MatMulNBitsQuantizer calls),
+    symmetric: (packed codes, scales), no zero points (the default 2^(bits - 1)).
 
-    int8 is symmetric (default zero point 128), int4 asymmetric with uint4 zero points (16
-    levels fitted to each block's [min, max]), like the numpy engine's int8 / int4."""
+    Each block's largest |w| maps to the lowest code, as llama.cpp's q4_0 / q8_0 do. At int4
+    this lost less perplexity than onnxruntime's asymmetric (min/max, uint4 zero point)
+    blocks (SmolLM2-135M, blocks of 32: +34.4 % against +38.6 %), and its kernel skips the
+    zero points."""
     # pylint: disable=import-outside-toplevel,no-name-in-module
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
     k, n = w_kn.shape
@@ -154,11 +182,10 @@ def quantize_nbits(w_kn: np.ndarray, bits: int, block_size: int):
     w[:k] = w_kn
     packed = np.zeros((n, blocks, block_size * bits // 8), np.uint8)
     scales = np.zeros((n, blocks), np.float32)
-    zero_points = np.zeros((n, -(-blocks * bits // 8)), np.uint8)
-    symmetric = bits == 8
+    unused_zero_points = np.zeros((n, -(-blocks * bits // 8)), np.uint8)
     kernel = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
-    kernel(packed, w, scales, zero_points, block_size, n, blocks * block_size, symmetric)
-    return packed, scales, None if symmetric else zero_points
+    kernel(packed, w, scales, unused_zero_points, block_size, n, blocks * block_size, True)
+    return packed, scales
 
 
 def linear(g: Graph, x: str, w_kn: np.ndarray, name: str, quant: Quant, scope: str) -> str:
@@ -166,13 +193,12 @@ def linear(g: Graph, x: str, w_kn: np.ndarray, name: str, quant: Quant, scope: s
     base = name + fmt.MATMUL_SUFFIX
     if quant.bits is None:
         return g.op("MatMul", [x, g.weight(base, w_kn)], scope)
-    packed, scales, zero_points = quantize_nbits(w_kn, quant.bits, quant.block_size)
-    inputs = [x, g.weight(f"{base}_Q{quant.bits}", packed), g.weight(f"{base}_scales", scales)]
-    if zero_points is not None:
-        inputs.append(g.weight(f"{base}_zero_points", zero_points))
     k, n = w_kn.shape
+    block = quant.block_for(k)
+    packed, scales = quantize_nbits(w_kn, quant.bits, block)
+    inputs = [x, g.weight(f"{base}_Q{quant.bits}", packed), g.weight(f"{base}_scales", scales)]
     return g.op("MatMulNBits", inputs, scope, domain="com.microsoft", K=k, N=n,
-                bits=quant.bits, block_size=quant.block_size,
+                bits=quant.bits, block_size=block,
                 accuracy_level=quant.accuracy_level)
 
 
@@ -259,7 +285,8 @@ def _attention_mask(g: Graph) -> str:
                         g.unsqueeze(keys, [1, 2, 3], scope)], scope)
 
 
-def build_onnx_model(weights: Weights, *, quantize: str | None = None, block_size: int = 32,
+def build_onnx_model(weights: Weights, *, quantize: str | None = None,
+                     block_size: int | None = None,
                      accuracy_level: int = DEFAULT_ACCURACY_LEVEL, opset: int = DEFAULT_OPSET,
                      stream_to: str | None = None) -> onnx.ModelProto:
     """The decoder graph of float32 `weights` (no metadata); see the module docstring.
@@ -274,11 +301,13 @@ def build_onnx_model(weights: Weights, *, quantize: str | None = None, block_siz
 
 
 @contextlib.contextmanager
-def graph_setup(quantize: str | None, block_size: int, accuracy_level: int, opset: int,
+def graph_setup(quantize: str | None, block_size: int | None, accuracy_level: int, opset: int,
                 stream_to: str | None) -> Iterator[tuple["Quant", "Graph"]]:
     """The checked arguments every graph builder starts from: (Quant, an empty Graph that
-    streams initializers to `stream_to` when given); the data file is closed on exit."""
+    streams initializers to `stream_to` when given); the data file is closed on exit.
+    block_size None (or 0): DEFAULT_BLOCK_SIZES for the bits."""
     bits = check_quantize(quantize, block_size, accuracy_level)
+    block_size = resolved_block_size(bits, block_size)
     if opset not in SUPPORTED_OPSETS:
         raise OnnxExportError(f"opset={opset} is not supported; choose one of "
                               f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}.")
@@ -327,8 +356,9 @@ def _build(weights: Weights, quant: Quant, g: Graph) -> onnx.ModelProto:
         out_shape = g.op("Concat", [g.op("Shape", ["input_ids"], "/lm_head"),
                                     g.const([c.vocab_size])], "/lm_head", axis=0)
         logits = g.op("Reshape", [logits, out_shape], "/lm_head")
-    else:  # quantized like the layers: at V x D it is ~10-25% of the bytes read per token
-        logits = linear(g, x, named["lm_head.weight"].T, "lm_head", quant, "/lm_head")
+    else:  # 8-bit when quantized (HEAD_BITS): at V x D it is ~10-25% of the bytes per token
+        logits = linear(g, x, named["lm_head.weight"].T, "lm_head", quant.for_head(c.d_model),
+                        "/lm_head")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
     return make_model(g, c)
 
@@ -363,8 +393,14 @@ def make_model(g: Graph, c: InferConfig) -> onnx.ModelProto:
     return model
 
 
-def check_quantize(quantize: str | None, block_size: int,
-                    accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> int | None:
+def resolved_block_size(bits: int | None, block_size: int | None) -> int:
+    """The MatMulNBits block size an export uses: the one asked for, else the default for
+    its bits (0 for a float32 export, which has no blocks)."""
+    return block_size or DEFAULT_BLOCK_SIZES.get(bits, 0)
+
+
+def check_quantize(quantize: str | None, block_size: int | None,
+                   accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> int | None:
     if accuracy_level not in ACCURACY_LEVELS:
         raise OnnxExportError(f"accuracy_level={accuracy_level!r} is not one of "
                               f"{ACCURACY_LEVELS} (0: float32 compute, 4: int8 compute)")
@@ -372,7 +408,9 @@ def check_quantize(quantize: str | None, block_size: int,
         return None
     if quantize not in QUANT_BITS:
         raise OnnxExportError(f"quantize={quantize!r} is not one of None, 'int8', 'int4'.")
-    if block_size < 16 or block_size & (block_size - 1):
+    if block_size and (block_size < 16 or block_size & (block_size - 1)):
         raise OnnxExportError(f"block_size={block_size} must be a power of two >= 16 "
-                              f"(com.microsoft MatMulNBits); 32 is the usual choice.")
+                              f"(com.microsoft MatMulNBits), or 0 for the default "
+                              f"({DEFAULT_BLOCK_SIZES[8]} at int8, {DEFAULT_BLOCK_SIZES[4]} "
+                              f"at int4).")
     return QUANT_BITS[quantize]
