@@ -444,3 +444,24 @@ def test_cli_export_of_the_fused_graph_in_a_fresh_process(tmp_path):
 def test_zz_report_measurements():
     """Prints what the tests above measured (pytest -s shows it)."""
     print("\nfused ONNX measurements:", {k: f"{v:.3g}" for k, v in sorted(MEASURED.items())})
+
+
+@pytest.mark.parametrize("graph", ["plain", "fused"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_to_keep_computes_the_head_on_the_last_positions(files, graph, variant):
+    """logits_to_keep = n returns the last n positions' logits of the full run (0: all), the
+    head's MatMul / Gemm running on n rows only; the bound decoder's prefill uses 1."""
+    from geb_jax.infer.onnx_decoder import OnnxDecoder
+    config, _ = _params(variant)
+    session = ort_session(files(variant, graph, "int4"))
+    ids = _tokens((2, 7), 21)
+    full = session.run(["logits"], ort_feed(config, ids, graph=graph))[0]
+    assert full.shape == (2, 7, VOCAB)
+    for n in (1, 3):
+        kept = session.run(["logits"], ort_feed(config, ids, graph=graph, logits_to_keep=n))[0]
+        assert kept.shape == (2, n, VOCAB)
+        assert _record(f"logits_to_keep_{graph}", np.abs(kept - full[:, -n:]).max()) < TOL
+    if graph == "fused":
+        decoder = OnnxDecoder(session, config, batch=2)
+        np.testing.assert_allclose(decoder.prefill(ids), full[:, -1], atol=TOL)
+        np.testing.assert_allclose(decoder.prefill(ids, all_logits=True), full, atol=TOL)

@@ -100,10 +100,11 @@ def _set_metadata(model: onnx.ModelProto, config: dict, tokenizer_bytes: bytes,
 
 def ort_feed(config: InferConfig, input_ids, attention_mask=None, position_ids=None,
              past: Mapping[str, np.ndarray] | None = None,
-             graph: str = "plain") -> dict[str, np.ndarray]:
+             graph: str = "plain", logits_to_keep: int = 0) -> dict[str, np.ndarray]:
     """onnxruntime inputs for new tokens (B, T). attention_mask (B, P+T) defaults to ones;
     position_ids default to cumsum(mask) - 1 over the new slots (padding gets 0); past is a
-    previous run's present.* outputs by name (empty when None).
+    previous run's present.* outputs by name (empty when None); logits_to_keep: the logits of
+    the last n positions only (0: all T).
 
     Both graphs take the same inputs. graph="fused" (see `ort_graph`) checks what the fused
     graph's GroupQueryAttention needs: the new tokens' mask columns of each row are ones then
@@ -124,7 +125,8 @@ def ort_feed(config: InferConfig, input_ids, attention_mask=None, position_ids=N
     if position_ids is None:
         position_ids = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, p:]
     feed = {"input_ids": ids, "attention_mask": mask,
-            "position_ids": np.asarray(position_ids, np.int64)}
+            "position_ids": np.asarray(position_ids, np.int64),
+            fmt.LOGITS_TO_KEEP: np.array([logits_to_keep], np.int64)}
     empty = np.zeros((b, config.n_kv_heads, 0, config.head_dim), np.float32)
     for i in range(config.n_layers):
         for which in ("key", "value"):

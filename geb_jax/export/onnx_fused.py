@@ -31,8 +31,8 @@ either graph, but the fused graph does not read it.
 
 Inputs and outputs otherwise keep the plain graph's names, dtypes and layouts (input_ids,
 attention_mask, position_ids [B, T] int64, past_key_values.{i}.key / .value and
-present.{i}.key / .value [B, K, S, H], which is GroupQueryAttention's BNSH, logits
-[B, T, V]); the metadata geb_jax.onnx_graph = "fused" tells the two apart
+present.{i}.key / .value [B, K, S, H], which is GroupQueryAttention's BNSH, the optional
+logits_to_keep, logits [B, T or logits_to_keep, V]); the metadata geb_jax.onnx_graph = "fused" tells the two apart
 (onnx_export.ort_graph(session), onnx_file.read_onnx_info(path).graph). Decoding through
 onnxruntime IOBinding with one preallocated cache per layer that is both past and present:
 geb_jax/infer/onnx_decoder.py.
@@ -56,7 +56,8 @@ import onnx
 from onnx import TensorProto
 
 from geb_jax.export.onnx_graph import (DEFAULT_ACCURACY_LEVEL, DEFAULT_OPSET, Graph, Quant,
-                                       graph_setup, linear, make_model, quantize_nbits)
+                                       graph_setup, last_positions, linear, make_model,
+                                       quantize_nbits)
 from geb_jax.infer.engine import rope_tables
 from geb_jax.infer.onnx_file import META_GRAPH
 from geb_jax.infer.weights import Weights
@@ -139,7 +140,7 @@ def _build(weights: Weights, quant: Quant, g: Graph, quantize_embedding: bool):
     else:
         x = g.op("SimplifiedLayerNormalization", [residual, final], "/model/norm", axis=-1,
                  epsilon=eps)
-    logits = _head(g, x, c, named, head_quant, head_blocks)
+    logits = _head(g, last_positions(g, x), c, named, head_quant, head_blocks)
     g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"],
                                          name="/lm_head/logits"))
     return make_model(g, c)

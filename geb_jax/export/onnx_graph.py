@@ -11,7 +11,9 @@ Interface (the names optimum and onnxruntime-genai use for Llama decoders):
   inputs   input_ids [B, T] int64, attention_mask [B, P+T] int64 (0 = padding, left padding
            allowed), position_ids [B, T] int64, past_key_values.{i}.key / .value [B, K, P, H]
            float32 (P = 0 for a prefill)
-  outputs  logits [B, T, V] float32, present.{i}.key / .value [B, K, P+T, H]
+           logits_to_keep [1] int64: n > 0 computes the head for the last n positions only,
+           0 for all T (format 2; ort_feed feeds 0)
+  outputs  logits [B, T or n, V] float32, present.{i}.key / .value [B, K, P+T, H]
 A token at cache slot s attends to slots <= s whose attention_mask is 1. Masked scores are set
 to float32's lowest value (not -inf), so a padding row that sees nothing gets finite
 garbage instead of NaN, which would otherwise leak into real rows through 0 * NaN.
@@ -348,12 +350,12 @@ def _build(weights: Weights, quant: Quant, g: Graph) -> onnx.ModelProto:
             m = _mlp(g, x, i, named, quant, scope + "/mlp")
             x = _rms_norm(g, g.op("Add", [x, m], scope), mlp_norm, named[mlp_norm],
                           c.norm_eps, scope + "/mlp_norm")
-    x = _rms_norm(g, x, "model.norm.weight", named["model.norm.weight"], c.norm_eps,
-                  "/model/norm")
+    x = last_positions(g, _rms_norm(g, x, "model.norm.weight", named["model.norm.weight"],
+                                    c.norm_eps, "/model/norm"))
     if c.tie_embeddings:  # Gemm(transB) reads the (V, D) table in place: no transposed copy
         flat = g.op("Reshape", [x, g.const([-1, c.d_model])], "/lm_head")
         logits = g.op("Gemm", [flat, "model.embed_tokens.weight"], "/lm_head", transB=1)
-        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"], "/lm_head"),
+        out_shape = g.op("Concat", [g.op("Shape", [x], "/lm_head", end=2),
                                     g.const([c.vocab_size])], "/lm_head", axis=0)
         logits = g.op("Reshape", [logits, out_shape], "/lm_head")
     else:  # 8-bit when quantized (HEAD_BITS): at V x D it is ~10-25% of the bytes per token
@@ -361,6 +363,20 @@ def _build(weights: Weights, quant: Quant, g: Graph) -> onnx.ModelProto:
                         "/lm_head")
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
     return make_model(g, c)
+
+
+LOGITS_TO_KEEP = fmt.LOGITS_TO_KEEP
+
+
+def last_positions(g: Graph, x: str) -> str:
+    """x [B, T, D] -> its last logits_to_keep positions (all T when it is 0): a prompt's
+    next-token logits need the head on one position, not T. On GEB-1.3B a 512-token prefill
+    spends ~10 % of its multiply-adds in the V x D head, SmolLM2-135M ~20 %. (transformers'
+    `logits_to_keep` argument.) A required input: one that is also an initializer (the ONNX
+    way to give an input a default) makes onnxruntime warn at every session start."""
+    start = g.op("Neg", [LOGITS_TO_KEEP], "/model/logits_to_keep")  # -0 = 0: every position
+    return g.op("Slice", [x, start, g.const([np.iinfo(np.int64).max]), g.const([1])],
+                "/model/logits_to_keep")
 
 
 def make_model(g: Graph, c: InferConfig) -> onnx.ModelProto:
@@ -371,7 +387,7 @@ def make_model(g: Graph, c: InferConfig) -> onnx.ModelProto:
                                             ["batch_size", "total_sequence_length"]),
               helper.make_tensor_value_info("position_ids", i64,
                                             ["batch_size", "sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length",
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "logits_length",
                                                              c.vocab_size])]
     for i in range(c.n_layers):
         for which in ("key", "value"):
@@ -379,6 +395,7 @@ def make_model(g: Graph, c: InferConfig) -> onnx.ModelProto:
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{which}", f32, kv))
             kv[2] = "total_sequence_length"
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{which}", f32, kv))
+    inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, i64, [1]))
     graph = helper.make_graph(g.nodes, "geb_jax_decoder", inputs, outputs)
     opsets = [helper.make_opsetid("", g.opset)]
     if any(node.domain == "com.microsoft" for node in g.nodes):

@@ -13,7 +13,8 @@ total_sequence_length = its width), and present takes the past's shape. No graph
 needed: the fused graph's KV dims are symbolic.
 
 Per decode step only the token ids, the position ids and the mask (a copy of B x (P + 1)
-int64) change; logits land in a bound (B, 1, V) buffer. Rows follow the fused graph's
+int64) change; logits land in a bound (B, 1, V) buffer. A prompt whose rows all end at its
+last column computes the head on that column only (the graph's logits_to_keep input = 1). Rows follow the fused graph's
 convention (geb_jax/export/onnx_fused.py): a batch is padded on the RIGHT.
 
 The plain graph cannot share its cache (its present is a Concat of past and new keys); drive it
@@ -25,7 +26,7 @@ import numpy as np
 
 from geb_jax.infer.config import InferConfig
 from geb_jax.infer.engine import ContextLengthError
-from geb_jax.infer.onnx_file import META_GRAPH
+from geb_jax.infer.onnx_file import LOGITS_TO_KEEP, META_GRAPH
 
 
 class OnnxDecoderError(ValueError):
@@ -81,6 +82,8 @@ class OnnxDecoder:
         self._ids = np.zeros((batch, 1), np.int64)
         self._positions = np.zeros((batch, 1), np.int64)
         self._logits = np.zeros((batch, 1, config.vocab_size), np.float32)
+        # logits_to_keep: 0 = every position, 1 = the last; bound arrays must outlive runs
+        self._keep = {n: np.array([n], np.int64) for n in (0, 1)}
         self._decode_bound = False
         self.length = 0
 
@@ -102,9 +105,12 @@ class OnnxDecoder:
         if problem:
             raise OnnxDecoderError(problem + " Pad on the right.")
         self.reset()
-        logits = self._step(ids, mask)
+        last_only = not all_logits and bool(mask[:, -1].all())
+        logits = self._step(ids, mask, keep=1 if last_only else 0)
         if all_logits:
             return logits
+        if last_only:
+            return logits[:, -1]
         return logits[np.arange(len(ids)), mask.sum(axis=1) - 1]
 
     def append(self, ids) -> np.ndarray:
@@ -136,8 +142,9 @@ class OnnxDecoder:
                 f"max_len={self.max_len} (model max_seq_len={self.config.max_seq_len}); "
                 f"start over with prefill, or make the decoder with a larger max_len.")
 
-    def _step(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Any number of new tokens with their mask columns; all their logits (B, T, V)."""
+    def _step(self, ids: np.ndarray, mask: np.ndarray, keep: int = 0) -> np.ndarray:
+        """Any number of new tokens with their mask columns; the logits of all of them
+        (B, T, V), or of the last `keep` (B, keep, V)."""
         if ids.ndim != 2 or ids.shape[0] != self.batch or ids.shape[1] < 1:
             raise OnnxDecoderError(f"ids {ids.shape} must be (batch={self.batch}, T >= 1)")
         b, t = ids.shape
@@ -145,7 +152,8 @@ class OnnxDecoder:
         self._mask[:, self.length:self.length + t] = mask
         ids = np.ascontiguousarray(ids)
         positions = self._rows[:, None] + np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        logits = np.empty((b, t, self.config.vocab_size), np.float32)
+        logits = np.empty((b, keep or t, self.config.vocab_size), np.float32)
+        self._bind(LOGITS_TO_KEEP, self._keep[keep])  # decode keeps it: 1 position either way
         self._bind("input_ids", ids)  # bound by address: these arrays live until run returns
         self._bind("position_ids", positions)
         self._bind("logits", logits, output=True)

@@ -45,7 +45,7 @@ from geb_jax.infer.config import InferConfig, InferConfigError
 from geb_jax.infer.weights import ModelFileError, Weights, WeightsError
 
 PRODUCER = "geb_jax"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the logits_to_keep input
 META_PRODUCER = "producer"
 META_FORMAT = "geb_jax.format_version"
 META_CONFIG = "geb_jax.model_config"
@@ -59,6 +59,7 @@ META_BLOCK_SIZE = "geb_jax.block_size"
 META_ACCURACY_LEVEL = "geb_jax.accuracy_level"  # MatMulNBits compute: "0" float32, "4" int8
 META_GRAPH = "geb_jax.onnx_graph"  # "plain" (absent in older files) or "fused"
 GRAPHS = ("plain", "fused")
+LOGITS_TO_KEEP = "logits_to_keep"  # graph input (format 2): the head on the last n positions
 MATMUL_SUFFIX = ".MatMul.weight"  # float (in, out); MatMulNBits adds _Q4 / _Q8, _scales, ...
 TOKENIZER_FILE = "tokenizer.model"  # written beside the .onnx by the exporter (ours)
 TOKENIZER_FOLDER = "tokenizer"  # or a published model's tokenizer.json + tokenizer_config.json
