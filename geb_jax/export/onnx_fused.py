@@ -31,8 +31,9 @@ either graph, but the fused graph does not read it.
 
 Inputs and outputs otherwise keep the plain graph's names, dtypes and layouts (input_ids,
 attention_mask, position_ids [B, T] int64, past_key_values.{i}.key / .value and
-present.{i}.key / .value [B, K, S, H], which is GroupQueryAttention's BNSH, the optional
-logits_to_keep, logits [B, T or logits_to_keep, V]); the metadata geb_jax.onnx_graph = "fused" tells the two apart
+present.{i}.key / .value [B, K, S, H], which is GroupQueryAttention's BNSH, logits_to_keep,
+logits [B, T or logits_to_keep, V]); the metadata geb_jax.onnx_graph = "fused" tells the two
+apart
 (onnx_export.ort_graph(session), onnx_file.read_onnx_info(path).graph). Decoding through
 onnxruntime IOBinding with one preallocated cache per layer that is both past and present:
 geb_jax/infer/onnx_decoder.py.
@@ -78,8 +79,9 @@ def build_fused_model(weights: Weights, *, quantize: str | None = None,
     table). The table costs decode no speed either way (a lookup reads only the tokens' rows)
     but float32 costs memory: V x D x 4 bytes, 531 MB for GEB-1.3B against 133 MB at 8 bits.
     Held-out perplexity of SmolLM2-135M (tied), 16 documents of the built-in valid split:
-    float32 28.12, the 8-bit table +0.4 % at int8; at int4 (blocks of 128) +32.7 % against
-    llama.cpp q4_0's +35.8 % on the same text (docs/benchmarks.md, "int4 format")."""
+    float32 28.12, the 8-bit table +0.4 % at int8; at int4 +29.1 % (+28.7 % with a float32
+    table) against llama.cpp q4_0's +35.8 % on the same text (docs/benchmarks.md, "int4
+    format")."""
     with graph_setup(quantize, block_size, accuracy_level, opset, stream_to) as (quant, g):
         model = _build(weights, quant, g, quantize_embedding is not False)
     model.doc_string = ("geb_jax Llama-family decoder with KV cache (prefill and decode), fused: "

@@ -14,8 +14,9 @@ needed: the fused graph's KV dims are symbolic.
 
 Per decode step only the token ids, the position ids and the mask (a copy of B x (P + 1)
 int64) change; logits land in a bound (B, 1, V) buffer. A prompt whose rows all end at its
-last column computes the head on that column only (the graph's logits_to_keep input = 1). Rows follow the fused graph's
-convention (geb_jax/export/onnx_fused.py): a batch is padded on the RIGHT.
+last column computes the head on that column only (the graph's logits_to_keep input = 1).
+Rows follow the fused graph's convention (geb_jax/export/onnx_fused.py): a batch is padded on
+the RIGHT.
 
 The plain graph cannot share its cache (its present is a Concat of past and new keys); drive it
 with geb_jax.export.onnx_export.ort_feed and session.run.

@@ -13,7 +13,8 @@ Format, as written by `export_onnx`:
   the embedding table ``model.embed_tokens.weight`` (V, D) and the norms keep HF layouts.
 * quantized linears are com.microsoft MatMulNBits nodes whose B input is
   ``<linear>.MatMul.weight_Q4`` / ``_Q8`` (uint8 (out, blocks, bytes per block)), with
-  ``_scales`` (out, blocks) and, for int4, packed uint8 ``_zero_points``.
+  ``_scales`` (out, blocks) and, optionally, packed uint8 ``_zero_points`` (geb_jax writes
+  symmetric blocks without them; the reader takes either).
 * ``geb_jax.onnx_graph`` = "fused" (geb_jax/export/onnx_fused.py; absent or "plain" otherwise):
   q/k/v are one ``model.layers.{i}.self_attn.qkv_proj`` linear (q columns, then k, then v) and
   gate/up one ``mlp.gate_up_proj`` (gate, then up), each read once and split back here; a
